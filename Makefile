@@ -1,0 +1,46 @@
+# jepa-lab: thin wrappers. `make run` and `make test` each set everything up on a fresh machine.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+BIN     := $(VENV)/bin
+# PyTorch: the CPU build where there is no NVIDIA GPU (CI, laptops), the default (CUDA) build otherwise.
+# Pick another with e.g. `make setup TORCH=torch TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0+cpu)
+TORCH_INDEX ?=
+GPU_PYTHON  ?= 3.12
+export MPLBACKEND := Agg
+export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test lab export clean-nbs wheelhouse
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+run: setup                     ## every lesson and experiment, CPU defaults, into runs/course-<time>/
+	$(BIN)/jepa-lab course
+
+test: setup                    ## export sync, then nbdev-test on the lessons, then pytest
+	TQDM_DISABLE=1 $(PY) -m pytest -q tests/test_export.py
+	TQDM_DISABLE=1 $(BIN)/nbdev-test --skip-folder-re '^experiments$$'
+	TQDM_DISABLE=1 $(PY) -m pytest -q --ignore=tests/test_export.py
+
+lab: setup                     ## JupyterLab on the lessons
+	$(BIN)/jupyter lab nbs/
+
+export: setup                  ## notebooks -> jepa_lab/, and strip outputs metadata
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+
+wheelhouse: setup              ## offline wheels of the runner for a GPU box (cp$(GPU_PYTHON), manylinux)
+	rm -rf wheelhouse && mkdir -p wheelhouse
+	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d wheelhouse papermill ipykernel nbformat safetensors tqdm
+	$(PY) -m pip wheel -q --no-deps -w wheelhouse .
+	@ls wheelhouse | wc -l | xargs echo "wheels:"; du -sh wheelhouse
