@@ -28,11 +28,11 @@ from tqdm.std import tqdm as tqdm_text
 import matplotlib.pyplot as plt
 
 # %% auto #0
-__all__ = ['RESERVED_ENV', 'SETTING_KEYS', 'CHECKPOINT_FORMAT', 'SettingsError', 'Settings', 'find_settings_file',
-           'load_settings', 'seed_everything', 'DeviceError', 'pick_device', 'pick_dtype', 'autocast', 'Run',
-           'CheckpointError', 'lab_version', 'data_hash', 'save_checkpoint', 'Checkpoint', 'load_checkpoint',
-           'NonFiniteError', 'check_finite', 'latest_checkpoint', 'progress', 'train_loop', 'weights_equal',
-           'final_weights', 'apply_settings']
+__all__ = ['RESERVED_ENV', 'SETTING_KEYS', 'DTYPE_CHOICES', 'CHECKPOINT_FORMAT', 'SettingsError', 'Settings',
+           'find_settings_file', 'load_settings', 'seed_everything', 'DeviceError', 'pick_device', 'pick_dtype',
+           'autocast', 'Run', 'CheckpointError', 'lab_version', 'data_hash', 'save_checkpoint', 'Checkpoint',
+           'load_checkpoint', 'NonFiniteError', 'check_finite', 'latest_checkpoint', 'progress', 'train_loop',
+           'weights_equal', 'final_weights', 'apply_settings']
 
 # %% ../nbs/00_core.ipynb #d9411469
 class SettingsError(ValueError):
@@ -66,7 +66,7 @@ def find_settings_file(start: Path | None = None) -> Path | None:
     return None
 
 # %% ../nbs/00_core.ipynb #7c5c1742
-_CHOICES = {"device": None, "dtype": ("auto", "float32", "bfloat16", "float16")}
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
 
 def _check_key(key: str, origin: str):
     if key not in SETTING_KEYS:
@@ -81,8 +81,8 @@ def _parse_setting(key: str, value, origin: str):
         else: out = str(value).strip()
     except (TypeError, ValueError):
         raise SettingsError(f"setting {key!r} from {origin} must be {kind}, got {value!r}") from None
-    if key == "dtype" and out not in _CHOICES["dtype"]:
-        raise SettingsError(f"setting 'dtype' from {origin} is {out!r}; choose one of {', '.join(_CHOICES['dtype'])}")
+    if key == "dtype" and out not in DTYPE_CHOICES:
+        raise SettingsError(f"setting 'dtype' from {origin} is {out!r}; choose one of {', '.join(DTYPE_CHOICES)}")
     if key == "device" and out.split(":")[0] not in ("auto", "cpu", "cuda", "mps"):
         raise SettingsError(f"setting 'device' from {origin} is {out!r}; choose auto, cpu, cuda, cuda:N or mps")
     return out
