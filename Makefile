@@ -11,7 +11,7 @@ export MPLBACKEND := Agg
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lab export clean-nbs wheelhouse
+.PHONY: setup run test lab export wheelhouse wordnet
 
 setup: $(VENV)/.installed
 
@@ -20,7 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "pykeen==1.11.1"   # only its bundled TSV graphs are read; its 21 dependencies are not needed
+	@$(MAKE) --no-print-directory wordnet
 	touch $@
+
+wordnet:                       ## WordNet 3.0 from Debian when we can install it (root or sudo); else say how
+	@if [ -d /usr/share/wordnet ]; then echo "WordNet: /usr/share/wordnet present"; \
+	elif command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	  S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$S apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null 2>&1 || \
+	  { $$S apt-get update -qq >/dev/null && $$S apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; } || \
+	  echo "WordNet: apt-get failed; the lessons use PyKEEN's small graphs instead"; \
+	else echo "WordNet: not installed. Run: sudo apt-get install wordnet-base wordnet-sense-index (lessons use PyKEEN's small graphs until then)"; fi
 
 run: setup                     ## every lesson and experiment, CPU defaults, into runs/course-<time>/
 	$(BIN)/jepa-lab course
