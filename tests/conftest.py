@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,3 +29,12 @@ def jepa_lab():
     path = BIN / "jepa-lab"
     assert path.exists(), f"{path} missing: install the project (make setup)"
     return str(path)
+
+
+@pytest.fixture
+def one_thread():
+    "Small-op loops stall when two OpenMP threads share two busy cores; one torch thread keeps them fast and steady."
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -190,14 +190,6 @@ def test_scan_block_is_causal():
         assert (y[:, t + 1:] - y_changed[:, t + 1:]).abs().max() > 1e-3
 
 
-@pytest.fixture
-def one_thread():
-    "Small-op training loops stall when two OpenMP threads share two busy cores; one thread keeps them fast."
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_scan_block_learns_a_running_sum_beyond_its_convolution(one_thread):
     """Learning check: target_t = 0.15 * sum of x[:, :t+1, 0]. The 4-tap convolution alone can at best predict the

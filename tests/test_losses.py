@@ -12,13 +12,7 @@ from jepa_lab.losses import (COLLAPSE_MIN_RANK_FRACTION, REGRESSION_KINDS, Colla
 N, D = 256, 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    "Tiny tensors: one torch thread is faster than two and keeps timings steady on a busy 2-core box."
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one torch thread (conftest.py)
 
 
 def gen(seed=0):
