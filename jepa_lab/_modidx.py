@@ -48,6 +48,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'jepa_lab.core.progress': ('core.html#progress', 'jepa_lab/core.py'),
                                'jepa_lab.core.save_checkpoint': ('core.html#save_checkpoint', 'jepa_lab/core.py'),
                                'jepa_lab.core.seed_everything': ('core.html#seed_everything', 'jepa_lab/core.py'),
+                               'jepa_lab.core.torch_threads': ('core.html#torch_threads', 'jepa_lab/core.py'),
                                'jepa_lab.core.train_loop': ('core.html#train_loop', 'jepa_lab/core.py'),
                                'jepa_lab.core.weights_equal': ('core.html#weights_equal', 'jepa_lab/core.py')},
             'jepa_lab.data': { 'jepa_lab.data.Conversation': ('data.html#conversation', 'jepa_lab/data.py'),

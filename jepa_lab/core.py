@@ -32,7 +32,7 @@ __all__ = ['RESERVED_ENV', 'SETTING_KEYS', 'DTYPE_CHOICES', 'CHECKPOINT_FORMAT',
            'find_settings_file', 'load_settings', 'seed_everything', 'DeviceError', 'pick_device', 'pick_dtype',
            'autocast', 'Run', 'CheckpointError', 'lab_version', 'data_hash', 'save_checkpoint', 'Checkpoint',
            'load_checkpoint', 'NonFiniteError', 'check_finite', 'latest_checkpoint', 'progress', 'train_loop',
-           'weights_equal', 'final_weights', 'apply_settings']
+           'weights_equal', 'final_weights', 'apply_settings', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #d9411469
 class SettingsError(ValueError):
@@ -455,3 +455,11 @@ def apply_settings(settings: Settings) -> tuple[torch.device, torch.dtype]:
     if settings.threads > 0: torch.set_num_threads(settings.threads)
     device = pick_device(settings.device)
     return device, pick_dtype(settings.dtype, device)
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    "Run the block with `n` torch CPU threads (None or 0: unchanged), then restore the previous count."
+    previous = torch.get_num_threads()
+    if n: torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(previous)

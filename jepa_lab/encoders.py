@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .core import torch_threads
+
 # %% auto #0
 __all__ = ['EncoderInputError', 'EncoderConfigError', 'Encoded', 'reference_attention', 'rope_tables', 'rotate_half',
            'apply_rope', 'SelfAttention', 'Block', 'init_weights', 'TextEncoderConfig', 'masked_mean', 'TextEncoder',
@@ -420,10 +422,8 @@ def _best_time(fn, repeats: int, device: torch.device) -> float:
 def benchmark_scan(length: int = 1024, batch: int = 2, d_inner: int = 64, d_state: int = 16, repeats: int = 5,
                    threads: int | None = 1, device: str = "cpu", seed: int = 0, verbose: bool = True) -> dict:
     "Sequential loop vs parallel scan on the same float32 inputs: times (forward, forward+backward), ratios, errors."
-    previous = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
-    try: return _benchmark_scan(length, batch, d_inner, d_state, repeats, torch.device(device), seed, verbose)
-    finally: torch.set_num_threads(previous)
+    with torch_threads(threads):
+        return _benchmark_scan(length, batch, d_inner, d_state, repeats, torch.device(device), seed, verbose)
 
 def _benchmark_scan(length, batch, d_inner, d_state, repeats, device, seed, verbose) -> dict:
     inputs = [x.detach().to(device).requires_grad_() for x in random_scan_inputs(batch, length, d_inner, d_state, seed=seed)]

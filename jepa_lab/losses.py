@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .core import torch_threads
+
 # %% auto #0
 __all__ = ['REGRESSION_KINDS', 'COLLAPSE_MIN_RANK_FRACTION', 'COLLAPSE_MIN_STD', 'LossInputError', 'latent_regression_loss',
            'VICRegTerms', 'vicreg_loss', 'InfoNCEResult', 'info_nce_loss', 'epps_pulley_grid', 'epps_pulley',
@@ -158,21 +160,18 @@ def sigreg_null_mean(knots: int = 17, t_max: float = 3.0) -> float:
 def benchmark_losses(n: int = 256, dim: int = 32, slices: tuple[int, ...] = (64, 256), repeats: int = 20,
                      threads: int | None = 1, seed: int = 0) -> dict[str, float]:
     "Milliseconds (CPU process time) per forward + backward of each loss on (n, dim) views; prints ratios to VICReg."
-    old_threads = torch.get_num_threads()
-    if threads: torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     z_a, z_b = (torch.randn(n, dim, generator=gen, requires_grad=True) for _ in range(2))
     cases = {"latent_regression": lambda: latent_regression_loss(z_a, z_b), "vicreg": lambda: vicreg_loss(z_a, z_b).loss,
              "info_nce": lambda: info_nce_loss(z_a, z_b).loss,
              **{f"sigreg M={m}": (lambda m=m: sigreg_loss(torch.stack([z_a, z_b]), gen, m)) for m in slices}}
     ms = {}
-    try:
+    with torch_threads(threads):
         for name, loss_fn in cases.items():
             loss_fn().backward()                                     # warm-up
             t0 = time.process_time()
             for _ in range(repeats): loss_fn().backward()
             ms[name] = (time.process_time() - t0) / repeats * 1e3
-    finally: torch.set_num_threads(old_threads)
     for name, v in ms.items(): print(f"{name:18s} {v:8.2f} ms   {v / ms['vicreg']:6.1f} × vicreg")
     return ms
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from .core import Run, _atomic_write, _write_json, autocast, data_hash, seed_everything, train_loop
+from .core import Run, _atomic_write, _write_json, autocast, data_hash, seed_everything, torch_threads, train_loop
 from .data import dialog_texts
 from .world import Triplet
 
@@ -497,10 +497,8 @@ def train_vq(config: VQConfig, frames: torch.Tensor, run: Run, device=None, dtyp
     if frames.ndim != 4 or frames.shape[1:] != (3, config.image_size, config.image_size):
         raise ValueError(f"frames must be (N, 3, {config.image_size}, {config.image_size}), got {tuple(frames.shape)}")
     device = torch.device(device or "cpu")
-    threads = torch.get_num_threads()
-    if device.type == "cpu" and config.cpu_threads > 0: torch.set_num_threads(config.cpu_threads)
-    try: return _fit_vq(config, frames, run, device, dtype, ckpt_every)
-    finally: torch.set_num_threads(threads)
+    with torch_threads(config.cpu_threads if device.type == "cpu" and config.cpu_threads > 0 else None):
+        return _fit_vq(config, frames, run, device, dtype, ckpt_every)
 
 def _fit_vq(config: VQConfig, frames: torch.Tensor, run: Run, device, dtype, ckpt_every: int) -> PatchVQVAE:
     seed_everything(config.seed)

@@ -3,7 +3,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+from jepa_lab.core import torch_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -34,7 +35,5 @@ def jepa_lab():
 @pytest.fixture
 def one_thread():
     "Small-op loops stall when two OpenMP threads share two busy cores; one torch thread keeps them fast and steady."
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with torch_threads(1):
+        yield
