@@ -31,8 +31,8 @@ import matplotlib.pyplot as plt
 __all__ = ['RESERVED_ENV', 'SETTING_KEYS', 'DTYPE_CHOICES', 'CHECKPOINT_FORMAT', 'SettingsError', 'Settings',
            'find_settings_file', 'load_settings', 'seed_everything', 'DeviceError', 'pick_device', 'pick_dtype',
            'autocast', 'Run', 'CheckpointError', 'lab_version', 'data_hash', 'save_checkpoint', 'Checkpoint',
-           'load_checkpoint', 'NonFiniteError', 'check_finite', 'latest_checkpoint', 'progress', 'train_loop',
-           'weights_equal', 'final_weights', 'apply_settings', 'torch_threads']
+           'load_checkpoint', 'NonFiniteError', 'check_finite', 'FiniteWatch', 'checking_values', 'latest_checkpoint',
+           'progress', 'train_loop', 'weights_equal', 'final_weights', 'apply_settings', 'torch_threads']
 
 # %% ../nbs/00_core.ipynb #d9411469
 class SettingsError(ValueError):
@@ -402,6 +402,27 @@ def check_finite(step: int, metrics: dict, hint: str = ""):
     if bad:
         raise NonFiniteError(f"non-finite {', '.join(f'{k}={v}' for k, v in bad.items())} at step {step}: "
                              f"lower the learning rate, check the inputs, or resume from an earlier checkpoint{hint}")
+
+class FiniteWatch:
+    "NaN/inf watch that never stalls a GPU: `update` flags the first bad step on the device, `check` reads it when the host syncs anyway."
+    def __init__(self, names: tuple = ("loss", "grad_norm")):
+        self.names, self.first_bad = names, None              # first_bad: 0-d long tensor, -1 while all is finite
+
+    def update(self, step: int, *values: torch.Tensor):
+        "Record `values` (tensors, in the order of `names`) of `step`; no host-device synchronisation."
+        finite = torch.stack([torch.isfinite(v.detach().float()).all() for v in values]).all()
+        if self.first_bad is None: self.first_bad = torch.full((), -1, dtype=torch.long, device=finite.device)
+        self.first_bad = torch.where((self.first_bad < 0) & ~finite, step, self.first_bad)
+
+    def check(self, hint: str = ""):
+        "Raise `NonFiniteError` naming the first step whose values were not finite (this reads the device)."
+        if self.first_bad is not None and (step := int(self.first_bad)) >= 0:
+            raise NonFiniteError(f"non-finite {' or '.join(self.names)} first at step {step}: lower the learning rate, "
+                                 f"check the inputs, or resume from an earlier checkpoint{hint}")
+
+def checking_values() -> bool:
+    "Should input checks that read tensor values run? Yes in eager code; no inside `torch.compile` (a graph break)."
+    return not torch.compiler.is_compiling()
 
 def latest_checkpoint(folder) -> Path | None:
     "The newest `step-*.safetensors` in `folder`, or None."

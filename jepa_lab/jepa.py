@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Run, autocast, check_finite, train_loop
+from .core import FiniteWatch, NonFiniteError, Run, autocast, checking_values, train_loop
 from .encoders import (Block, TextEncoder, TextEncoderConfig, ViT, ViTConfig, count_parameters, ema_teacher,
                                ema_update, init_weights, momentum_schedule, sincos_positions_2d,
                                text_base_config, vit_b16_config)
@@ -30,15 +30,16 @@ from .losses import REGRESSION_KINDS, collapse_report, info_nce_loss, latent_reg
 from .world import COLOURS, DIRECTIONS, SHAPES, LabState, LabWorld, random_policy
 
 # %% auto #0
-__all__ = ['PROBE_LABELS', 'BENCH_SIZES', 'MaskError', 'SpanConfig', 'span_mask', 'mask_positions', 'MultiBlockConfig',
-           'MultiBlockMasks', 'MaskRelaxedWarning', 'block_size', 'place_block', 'multiblock_masks', 'masks_to_grid',
-           'sincos_positions_1d', 'PredictorConfig', 'Predictor', 'JEPAConfig', 'JEPAStep', 'JEPA', 'ImageJEPA',
-           'TextJEPA', 'TrainConfig', 'warmup_cosine', 'adamw', 'collapse_metrics', 'train_jepa', 'DialogTensors',
-           'dialog_tensors', 'dialog_batch', 'frame_labels', 'labelled_frames', 'candidate_set', 'retrieval_metrics',
-           'cosine_scores', 'alignment', 'TfIdf', 'MiniLMError', 'MiniLM', 'minilm_dir', 'load_minilm', 'linear_probe',
-           'probe_table', 'majority_accuracy', 'umap_2d', 'plot_latent_map', 'plot_diagnostics', 'evaluate_text_jepa',
-           'scores_by_texts', 'image_batches', 'probe_image_encoder', 'measure_matmul_peak', 'benchmark_jepa_step',
-           'benchmark_timm_vit_step']
+__all__ = ['PROBE_LABELS', 'BENCH_SIZES', 'GPU_STEP_PLAN', 'MaskError', 'SpanConfig', 'span_mask', 'mask_positions',
+           'MultiBlockConfig', 'MultiBlockMasks', 'MaskRelaxedWarning', 'block_size', 'place_block', 'multiblock_masks',
+           'masks_to_grid', 'sincos_positions_1d', 'PredictorConfig', 'Predictor', 'JEPAConfig', 'JEPAStep', 'JEPA',
+           'position_centred', 'ImageJEPA', 'TextJEPA', 'TrainConfig', 'warmup_cosine', 'adamw', 'collapse_metrics',
+           'train_jepa', 'DialogTensors', 'dialog_tensors', 'dialog_batch', 'frame_labels', 'labelled_frames',
+           'candidate_set', 'retrieval_metrics', 'cosine_scores', 'alignment', 'TfIdf', 'MiniLMError', 'MiniLM',
+           'minilm_dir', 'load_minilm', 'linear_probe', 'probe_table', 'majority_accuracy', 'umap_2d',
+           'plot_latent_map', 'plot_diagnostics', 'evaluate_text_jepa', 'scores_by_texts', 'image_batches',
+           'probe_image_encoder', 'measure_matmul_peak', 'benchmark_jepa_step', 'benchmark_timm_vit_step',
+           'gpu_step_table']
 
 # %% ../nbs/06_jepa.ipynb #8d07b04f
 class MaskError(ValueError):
@@ -73,11 +74,13 @@ def span_mask(lengths, generator: torch.Generator, config: SpanConfig = SpanConf
             mask[b, start:start + span] = True
     return mask
 
-def mask_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    "Indices (B, K) of the True entries of `mask` (B, T), ascending, padded to the largest count K; and their padding (B, K)."
+def mask_positions(mask: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Indices (B, K) of the True entries of `mask` (B, T), ascending, padded to K (the largest count, or `width`); their padding (B, K)."
     counts = mask.sum(1)                                            # (B,)
     order = torch.argsort((~mask).to(torch.uint8), dim=1, stable=True)   # True entries first, in position order
-    K = max(int(counts.max()), 1)
+    if width is not None and checking_values() and int(counts.max()) > width:
+        raise MaskError(f"a row has {int(counts.max())} masked tokens, more than width={width}; raise the width")
+    K = width or max(int(counts.max()), 1)                          # a fixed width keeps shapes static (torch.compile)
     padding = torch.arange(K, device=mask.device)[None] >= counts[:, None]   # (B, K) True = no target here
     return order[:, :K], padding
 
@@ -92,11 +95,14 @@ class MultiBlockConfig:
     context_scale: tuple = (0.85, 1.0)     # fraction of the grid of the (square) context block
     min_keep: int = 4                      # a block must keep more patches than this
     allow_overlap: bool = False            # may the context contain target patches?
+    context_keep: int | None = None        # fixed context length (static shapes for torch.compile); None: the batch's shortest
 
     def __post_init__(self):
         H, W = self.grid
         if H < 2 or W < 2 or self.n_targets < 1 or self.min_keep < 0:
             raise MaskError(f"MultiBlockConfig needs a grid of at least 2 x 2, n_targets >= 1, min_keep >= 0; got {self}")
+        if self.context_keep is not None and not self.min_keep < self.context_keep <= H * W:
+            raise MaskError(f"MultiBlockConfig.context_keep={self.context_keep} must lie in (min_keep={self.min_keep}, {H * W}]")
         for name in ("target_scale", "context_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1: raise MaskError(f"MultiBlockConfig.{name} must satisfy 0 < lo <= hi <= 1, got {(lo, hi)}")
@@ -144,13 +150,20 @@ def multiblock_masks(batch_size: int, generator: torch.Generator, config: MultiB
     grid = config.grid
     target_size = block_size(torch.rand(1, generator=generator).item(), config.target_scale, config.target_aspect, grid)
     context_size = block_size(torch.rand(1, generator=generator).item(), config.context_scale, (1.0, 1.0), grid)
-    contexts, targets = [], []
+    contexts, targets, need = [], [], config.context_keep or 0
     for _ in range(batch_size):
-        blocks = [place_block(target_size, grid, generator, None, config.min_keep) for _ in range(config.n_targets)]
-        allowed = None if config.allow_overlap else [~b for b in blocks]
-        context = place_block(context_size, grid, generator, allowed, config.min_keep)
+        for attempt in range(100):                                 # with context_keep: redraw images whose context is short
+            blocks = [place_block(target_size, grid, generator, None, config.min_keep) for _ in range(config.n_targets)]
+            allowed = None if config.allow_overlap else [~b for b in blocks]
+            context = place_block(context_size, grid, generator, allowed, config.min_keep).flatten().nonzero().flatten()
+            if len(context) >= need: break
+        else:
+            raise MaskError(f"100 draws gave no context of {need} patches (context block {context_size}, "
+                            f"{config.n_targets} targets of {target_size}); lower context_keep")
         targets.append(torch.stack([b.flatten().nonzero().flatten() for b in blocks]))   # (M, h·w)
-        contexts.append(context.flatten().nonzero().flatten())
+        if config.context_keep:                                    # a random subset of the fixed size, ascending
+            context = context[torch.randperm(len(context), generator=generator)[:need]].sort().values
+        contexts.append(context)
     keep = min(len(c) for c in contexts)                           # the batch's shortest context
     return MultiBlockMasks(torch.stack([c[:keep] for c in contexts]), torch.stack(targets))
 
@@ -203,7 +216,7 @@ class Predictor(nn.Module):
 
     def forward(self, context, context_pos, target_pos, context_pad=None, target_pad=None) -> torch.Tensor:
         "context (B, Nc, D), positions (B, Nc) and (B, Nt) long, paddings bool (True = ignore) -> (B, Nt, D)."
-        if context_pos.max() >= len(self.pos) or target_pos.max() >= len(self.pos):
+        if checking_values() and (context_pos.max() >= len(self.pos) or target_pos.max() >= len(self.pos)):
             raise IndexError(f"positions go up to {int(max(context_pos.max(), target_pos.max()))} but the predictor "
                              f"has {len(self.pos)}; build it with PredictorConfig(positions=...)")
         x = self.embed(context) + self.pos[context_pos]                              # (B, Nc, d)
@@ -232,8 +245,10 @@ class JEPAConfig:
     predictor_dim: int = 64
     predictor_depth: int = 2
     predictor_heads: int = 4
+    reg_on: str = "pooled"         # images: "pooled" latents, or "tokens" centred per patch position (see below)
 
     def __post_init__(self):
+        if self.reg_on not in ("pooled", "tokens"): raise ValueError(f"JEPAConfig.reg_on {self.reg_on!r}: 'pooled' or 'tokens'")
         if self.loss not in (*REGRESSION_KINDS, "info_nce"):
             raise ValueError(f"JEPAConfig.loss {self.loss!r}: choose one of {REGRESSION_KINDS} or 'info_nce'")
         if min(self.var_weight, self.cov_weight) < 0: raise ValueError("JEPAConfig: var_weight and cov_weight must be >= 0")
@@ -265,11 +280,16 @@ class JEPA(nn.Module):
         if self.teacher is not None: ema_update(self.teacher, self.student, momentum)
 
     def regularizer(self, student: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        "VICReg variance + covariance terms on the pooled student latents and predictions (B, D), weighted."
+        "VICReg variance + covariance terms on student latents and predictions (rows (N, D): samples or tokens), weighted."
         c = self.config
         if c.var_weight == 0 and c.cov_weight == 0: return student.new_zeros(()), {}
-        t = vicreg_loss(student.float(), predicted.float(), sim_coeff=0.0, std_coeff=c.var_weight, cov_coeff=c.cov_weight)
-        return t.loss, {"variance": t.variance.detach(), "covariance": t.covariance.detach()}
+        terms = lambda a, b: vicreg_loss(a.float(), b.float(), sim_coeff=0.0, std_coeff=c.var_weight, cov_coeff=c.cov_weight)
+        if student.shape == predicted.shape:
+            t = terms(student, predicted)
+            return t.loss, {"variance": t.variance.detach(), "covariance": t.covariance.detach()}
+        a, b = terms(student, student), terms(predicted, predicted)                  # row counts differ: each set alone
+        return (a.loss + b.loss) / 2, {"variance": (a.variance + b.variance).detach() / 2,
+                                       "covariance": (a.covariance + b.covariance).detach() / 2}
 
     def distance(self, pred, target, mask=None, contrastive: bool = False) -> torch.Tensor:
         "The prediction term: latent regression to the layer-normed target, or InfoNCE over the batch if asked and configured."
@@ -282,6 +302,13 @@ class JEPA(nn.Module):
 def _gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     "Rows `idx` (B, K) of x (B, N, D) -> (B, K, D)."
     return x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+def position_centred(tokens: torch.Tensor, positions: torch.Tensor, n_positions: int) -> torch.Tensor:
+    "Tokens (B, K, D) at patch `positions` (B, K) minus the batch mean of tokens at the same position -> (B·K, D)."
+    flat, pos = tokens.flatten(0, 1).float(), positions.flatten()                 # (B·K, D), (B·K,)
+    sums = flat.new_zeros(n_positions, flat.shape[1]).index_add_(0, pos, flat)    # (P, D)
+    counts = torch.bincount(pos, minlength=n_positions).clamp_min(1)              # (P,)
+    return flat - (sums / counts[:, None])[pos]
 
 class ImageJEPA(JEPA):
     "I-JEPA on images: context block -> latents of M target blocks."
@@ -305,7 +332,13 @@ class ImageJEPA(JEPA):
         else:
             pred = context.pooled[:, None].expand(B, Nt, -1).repeat(M, 1, 1)         # every target: the pooled context
         prediction = self.distance(pred, targets)
-        reg, reg_terms = self.regularizer(context.pooled, pred.view(M, B, Nt, -1).mean((0, 2)))
+        if self.config.reg_on == "tokens":                                           # content variance at each position
+            n = self.grid[0] * self.grid[1]
+            tpos = torch.cat([masks.targets[:, k] for k in range(M)])                # (M·B, Nt)
+            reg, reg_terms = self.regularizer(position_centred(context.tokens, masks.context, n),   # (B·Nc, D)
+                                              position_centred(pred, tpos, n))                     # (M·B·Nt, D)
+        else:
+            reg, reg_terms = self.regularizer(context.pooled, pred.view(M, B, Nt, -1).mean((0, 2)))
         terms = {"prediction": prediction.detach(), **reg_terms}
         return JEPAStep(prediction + reg, terms, context.pooled.detach(), teacher.pooled)
 
@@ -319,10 +352,11 @@ class ImageJEPA(JEPA):
 class TextJEPA(JEPA):
     "Context (span-masked) -> latents of its hidden spans and of the next turn (Tofy)."
     def __init__(self, text: TextEncoderConfig = TextEncoderConfig(), config: JEPAConfig = JEPAConfig(),
-                 span_weight: float = 1.0):
+                 span_weight: float = 1.0, max_span_tokens: int | None = None):
         pc = PredictorConfig(text.dim, config.predictor_dim, config.predictor_depth, config.predictor_heads, text.max_len + 1, None)
         super().__init__(TextEncoder(text), Predictor(pc), config)
         self.span_weight, self.next_slot = span_weight, text.max_len               # the position row of "the next turn"
+        self.max_span_tokens = max_span_tokens       # fixed number of span targets per text (static shapes), or None
 
     def _predict(self, tokens, pad, target_pos, target_pad, pooled):
         "Predictions (B, K, D) at `target_pos`; the next-turn slot is the pooled context plus the predictor's change."
@@ -340,14 +374,14 @@ class TextJEPA(JEPA):
             ctx_targets, next_target = teacher.tokens[:B], teacher.pooled[B:]       # (B, T, D), (B, D)
         visible_pad = ctx_pad | spans
         student = self.student(ctx, visible_pad)                                     # sees visible tokens only
-        span_pos, span_pad = mask_positions(spans)                                   # (B, K)
+        span_pos, span_pad = mask_positions(spans, self.max_span_tokens)             # (B, K)
         slot = torch.full((B, 1), self.next_slot, device=ctx.device)
         target_pos = torch.cat([span_pos, slot], 1)
         target_pad = torch.cat([span_pad, torch.zeros_like(slot, dtype=torch.bool)], 1)
         pred = self._predict(student.tokens, visible_pad, target_pos, target_pad, student.pooled)   # (B, K + 1, D)
         next_turn = self.distance(pred[:, -1], next_target, contrastive=True)
         loss, terms = next_turn, {"next_turn": next_turn.detach()}
-        if self.span_weight > 0 and (~span_pad).any():
+        if self.span_weight > 0 and (not checking_values() or bool((~span_pad).any())):   # compiled: always (masked)
             span = self.distance(pred[:, :-1], _gather(ctx_targets, span_pos), mask=~span_pad)
             loss, terms["spans"] = loss + self.span_weight * span, span.detach()
         reg, reg_terms = self.regularizer(student.pooled, pred[:, -1])
@@ -379,6 +413,13 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     compile: bool = False          # torch.compile the model (worth it on CUDA, not on a 2-core CPU)
+    nan_check: str = "auto"        # "step": before every update (the bad step is never taken; syncs a GPU each step),
+                                   # "deferred": at log/checkpoint steps, no syncs (stops before a checkpoint is written);
+                                   # "auto": step on CPU, deferred on GPUs
+
+    def __post_init__(self):
+        if self.nan_check not in ("auto", "step", "deferred"):
+            raise ValueError(f"TrainConfig.nan_check {self.nan_check!r}: choose 'auto', 'step' or 'deferred'")
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.01) -> float:
     "Learning-rate multiplier: linear warm-up over `warmup` steps, then cosine from 1 to `floor` at `total`."
@@ -405,17 +446,25 @@ def train_jepa(model: JEPA, next_batch: Callable[[int], tuple], train: TrainConf
     "Train `model` on `next_batch(step) -> forward args` with `core.train_loop` (resumes from `run`); returns the start step."
     opt = adamw(model, train.lr, train.weight_decay, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps, train.warmup, train.min_lr_ratio))
-    forward = torch.compile(model) if train.compile else model                      # same parameters, same state_dict
+    forward = torch.compile(model, dynamic=False) if train.compile else model       # same parameters; a graph per shape
     trainable = [p for p in model.parameters() if p.requires_grad]
-    c = model.config
+    c, watch, hint = model.config, FiniteWatch(("loss", "grad_norm")), f" (checkpoints in {run.checkpoints})"
+    every_step = train.nan_check == "step" or (train.nan_check == "auto" and device.type == "cpu")
     def train_step(step: int) -> dict:
         model.train()
-        with autocast(device, dtype):
-            out = forward(*next_batch(step))
+        try:
+            with autocast(device, dtype):
+                out = forward(*next_batch(step))
+        except Exception as error:                                                   # an earlier NaN step explains it?
+            try: watch.check(hint)
+            except NonFiniteError as nan: raise nan from error
+            raise
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, train.grad_clip)
-        check_finite(step, {"loss": out.loss, "grad_norm": grad_norm}, hint=f" (checkpoints in {run.checkpoints})")
+        watch.update(step, out.loss, grad_norm)                                      # on the device: no sync
+        host_reads = every_step or step % train.log_every == 0 or (step + 1) % train.ckpt_every == 0 or step + 1 == train.steps
+        if host_reads: watch.check(hint)                                             # before any log or checkpoint
         opt.step(); sched.step()
         momentum = momentum_schedule(step, train.steps, c.ema_start, c.ema_end)
         model.update_teacher(momentum)
@@ -750,9 +799,11 @@ def measure_matmul_peak(dtype=torch.bfloat16, n: int | None = None, device=None,
 
 BENCH_SIZES = {
     ("image", "tiny"): dict(encoder=ViTConfig(image_size=64, patch_size=8, dim=64, depth=2, heads=4), predictor=(32, 1, 4), batch=16),
-    ("image", "base"): dict(encoder=vit_b16_config(), predictor=(384, 6, 12), batch=128),
+    ("image", "base"): dict(encoder=vit_b16_config(), predictor=(384, 6, 12), batch=128, context_keep=64,
+                            target_scale=(0.18, 0.18), target_aspect=(1.0, 1.0)),   # static shapes: 64 context, 4 × 36 targets
     ("text", "tiny"): dict(encoder=TextEncoderConfig(vocab_size=1024, dim=64, depth=2, heads=4, max_len=32), predictor=(32, 1, 4), batch=16),
-    ("text", "base"): dict(encoder=text_base_config(16384), predictor=(384, 6, 12), batch=64, seq_len=256),
+    ("text", "base"): dict(encoder=text_base_config(16384), predictor=(384, 6, 12), batch=64, seq_len=256,
+                           max_span_tokens=24),                                   # SpanConfig's bound: 4 spans × 6 tokens
 }
 
 # %% ../nbs/06_jepa.ipynb #3600c75b
@@ -760,16 +811,19 @@ def _bench_model(kind: str, size: str):
     spec = BENCH_SIZES[kind, size]
     dim, depth, heads = spec["predictor"]
     jc = JEPAConfig(predictor_dim=dim, predictor_depth=depth, predictor_heads=heads)
-    return (ImageJEPA if kind == "image" else TextJEPA)(spec["encoder"], jc), spec
+    if kind == "image": return ImageJEPA(spec["encoder"], jc), spec
+    return TextJEPA(spec["encoder"], jc, max_span_tokens=spec.get("max_span_tokens")), spec
 
-def _bench_batches(kind: str, spec: dict, batch: int, n: int, seq_len: int, device) -> list:
+def _bench_batches(kind: str, spec: dict, batch: int, n: int, seq_len: int, device, context_keep: int | None = None) -> list:
     "`n` synthetic batches with their masks, made before timing (a data loader's job)."
     g, enc = torch.Generator().manual_seed(0), spec["encoder"]
     out = []
     for i in range(n):
         if kind == "image":
             grid = (enc.image_size // enc.patch_size,) * 2
-            mk = multiblock_masks(batch, g, MultiBlockConfig(grid=grid, min_keep=max(4, grid[0] * grid[1] // 20)))
+            sizes = {k: spec[k] for k in ("target_scale", "target_aspect") if k in spec}
+            cfg = MultiBlockConfig(grid=grid, min_keep=max(4, grid[0] * grid[1] // 20), context_keep=context_keep, **sizes)
+            mk = multiblock_masks(batch, g, cfg)
             images = torch.rand(batch, enc.channels, enc.image_size, enc.image_size, generator=g)
             out.append((images.to(device), MultiBlockMasks(mk.context.to(device), mk.targets.to(device))))
         else:
@@ -780,15 +834,25 @@ def _bench_batches(kind: str, spec: dict, batch: int, n: int, seq_len: int, devi
     return out
 
 # %% ../nbs/06_jepa.ipynb #b30fd2f5
-def _flops_and_step_time(fwd_bwd: Callable, step: Callable, warmup: int, steps: int, device) -> tuple[int, float]:
-    "FLOPs of one eager forward + backward (`fwd_bwd()`), then seconds per `step(i)` after `warmup` untimed steps."
+def _shapes(batch) -> tuple:
+    "The shapes of every tensor in a (nested) batch: the key a compiled model specialises on."
+    if torch.is_tensor(batch): return tuple(batch.shape)
+    return tuple(_shapes(b) for b in batch) if isinstance(batch, (tuple, list)) else ()
+
+def _flops_and_step_time(fwd_bwd: Callable, step: Callable, batches: list, warmup: int, device) -> tuple[float, float]:
+    "Mean FLOPs (one eager forward + backward counted per distinct batch shape) and seconds per `step(batch)` over `batches`."
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter: fwd_bwd()
-    for i in range(warmup): step(i)                                     # compile, autotune, allocator warm-up
+    flops = {}
+    for b in batches:
+        if (key := _shapes(b)) not in flops:
+            with FlopCounterMode(display=False) as counter: fwd_bwd(b)
+            flops[key] = counter.get_total_flops()
+            step(b)                                                     # compiles this shape (once) outside the timing
+    for i in range(warmup): step(batches[i % len(batches)])             # autotune, allocator warm-up
     _sync(device); t0 = time.perf_counter()
-    for i in range(warmup, warmup + steps): step(i)
+    for b in batches: step(b)
     _sync(device)
-    return counter.get_total_flops(), (time.perf_counter() - t0) / steps
+    return sum(flops[_shapes(b)] for b in batches) / len(batches), (time.perf_counter() - t0) / len(batches)
 
 def _report_step(result: dict, label: str) -> dict:
     result["mfu"] = result["tflops"] / result["peak_tflops"]
@@ -801,7 +865,8 @@ def _report_step(result: dict, label: str) -> dict:
 # %% ../nbs/06_jepa.ipynb #c25ef8c4
 def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | None = None, steps: int = 10,
                         compile: bool = False, dtype: str = "auto", device: str = "auto", seq_len: int | None = None,
-                        warmup: int = 3, peak_tflops: float | None = None) -> dict:
+                        warmup: int = 3, peak_tflops: float | None = None, compile_mode: str | None = None,
+                        context_keep: int | str | None = "auto") -> dict:
     "Time full JEPA training steps and count their FLOPs; prints samples/s, TFLOP/s and MFU against the matmul peak."
     from jepa_lab.core import pick_device, pick_dtype
     if (kind, size) not in BENCH_SIZES: raise ValueError(f"unknown kind/size {(kind, size)}; choose from {sorted(BENCH_SIZES)}")
@@ -810,27 +875,29 @@ def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | No
     model.to(dev)
     batch = batch or spec["batch"]
     seq_len = seq_len or spec.get("seq_len", getattr(spec["encoder"], "max_len", 0))
-    batches = _bench_batches(kind, spec, batch, warmup + steps, seq_len, dev)
+    keep = spec.get("context_keep") if context_keep == "auto" else context_keep
+    batches = _bench_batches(kind, spec, batch, steps, seq_len, dev, keep)
     opt = adamw(model, 1e-4, 0.05, dev)
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=compile_mode, dynamic=False) if compile else model   # one graph per shape
     trainable = [p for p in model.parameters() if p.requires_grad]
-    def fwd_bwd():
-        with autocast(dev, dt): model(*batches[0]).loss.backward()
-    def step(i):
-        with autocast(dev, dt): out = forward(*batches[i])
+    def fwd_bwd(b):
+        with autocast(dev, dt): model(*b).loss.backward()
+    def step(b):
+        with autocast(dev, dt): out = forward(*b)
         opt.zero_grad(set_to_none=True); out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0); opt.step(); model.update_teacher(0.996)
-    flops, seconds = _flops_and_step_time(fwd_bwd, step, warmup, steps, dev)
+    flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev)
     peak = peak_tflops or measure_matmul_peak(dt if dev.type == "cuda" else torch.float32, device=dev)
-    result = dict(kind=kind, size=size, device=str(dev), dtype=str(dt).replace("torch.", ""), compile=compile, batch=batch,
-                  params_m=count_parameters(model.student) / 1e6, step_ms=seconds * 1e3, samples_per_s=batch / seconds,
-                  gflop_per_step=flops / 1e9, tflops=flops / seconds / 1e12, peak_tflops=peak)
-    return _report_step(result, f"{kind} JEPA {size}" + (f", {seq_len} tokens" if kind == "text" else ""))
+    result = dict(kind=kind, size=size, device=str(dev), dtype=str(dt).replace("torch.", ""), compile=compile_mode or compile,
+                  batch=batch, params_m=count_parameters(model.student) / 1e6, step_ms=seconds * 1e3,
+                  samples_per_s=batch / seconds, gflop_per_step=flops / 1e9, tflops=flops / seconds / 1e12, peak_tflops=peak,
+                  context_keep=keep)
+    return _report_step(result, f"{kind} JEPA {size}" + (f", {seq_len} tokens" if kind == "text" else f", context {keep or 'batch min'}"))
 
 # %% ../nbs/06_jepa.ipynb #662eb151
 def benchmark_timm_vit_step(batch: int = 256, steps: int = 10, compile: bool = False, dtype: str = "auto",
                             device: str = "auto", warmup: int = 3, peak_tflops: float | None = None,
-                            model_name: str = "vit_base_patch16_224") -> dict:
+                            model_name: str = "vit_base_patch16_224", compile_mode: str | None = None) -> dict:
     "timm's supervised ViT training step, measured like `benchmark_jepa_step` (the public anchor for MFU)."
     try: import timm
     except ImportError: raise ImportError("benchmark_timm_vit_step compares against timm: pip install timm") from None
@@ -838,17 +905,46 @@ def benchmark_timm_vit_step(batch: int = 256, steps: int = 10, compile: bool = F
     dev = pick_device(device); dt = pick_dtype(dtype, dev)
     model = timm.create_model(model_name, num_classes=1000).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=dev.type == "cuda")
-    forward = torch.compile(model) if compile else model
+    forward = torch.compile(model, mode=compile_mode) if compile else model
     x, y = torch.randn(batch, 3, 224, 224, device=dev), torch.randint(0, 1000, (batch,), device=dev)  # (B, 3, 224, 224)
-    def fwd_bwd(net=model):
+    def fwd_bwd(_, net=model):
         with autocast(dev, dt): loss = F.cross_entropy(net(x).float(), y)
         loss.backward()
-    def step(i):
-        opt.zero_grad(set_to_none=True); fwd_bwd(forward); opt.step()
-    flops, seconds = _flops_and_step_time(fwd_bwd, step, warmup, steps, dev)
+    def step(_):
+        opt.zero_grad(set_to_none=True); fwd_bwd(None, forward); opt.step()
+    flops, seconds = _flops_and_step_time(fwd_bwd, step, [(x, y)] * steps, warmup, dev)
     peak = peak_tflops or measure_matmul_peak(dt if dev.type == "cuda" else torch.float32, device=dev)
     result = dict(kind="timm supervised", size=model_name, device=str(dev), dtype=str(dt).replace("torch.", ""),
-                  compile=compile, batch=batch, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                  compile=compile_mode or compile, batch=batch, params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                   step_ms=seconds * 1e3, samples_per_s=batch / seconds, gflop_per_step=flops / 1e9,
                   tflops=flops / seconds / 1e12, peak_tflops=peak)
     return _report_step(result, f"timm {model_name}, supervised")
+
+# %% ../nbs/06_jepa.ipynb #ebf62e5e
+GPU_STEP_PLAN = [
+    ("timm ViT-B/16 supervised, eager", benchmark_timm_vit_step, dict(batch=256)),
+    ("timm ViT-B/16 supervised, compiled", benchmark_timm_vit_step, dict(batch=256, compile=True)),
+    ("image JEPA ViT-B/16, fp32 eager", benchmark_jepa_step, dict(kind="image", size="base", dtype="float32", steps=6)),
+    ("image JEPA ViT-B/16, bf16 eager", benchmark_jepa_step, dict(kind="image", size="base", batch=256)),
+    ("image JEPA ViT-B/16, bf16 compiled", benchmark_jepa_step, dict(kind="image", size="base", batch=256, compile=True)),
+    ("image JEPA ViT-B/16, bf16 compiled, batch 512", benchmark_jepa_step, dict(kind="image", size="base", batch=512, compile=True)),
+    ("text JEPA 98 M, fp32 eager", benchmark_jepa_step, dict(kind="text", size="base", dtype="float32", steps=6)),
+    ("text JEPA 98 M, bf16 eager", benchmark_jepa_step, dict(kind="text", size="base")),
+    ("text JEPA 98 M, bf16 compiled", benchmark_jepa_step, dict(kind="text", size="base", compile=True)),
+]
+
+def gpu_step_table(plan: list = GPU_STEP_PLAN, only: str | None = None) -> list:
+    "Run `plan` (label, benchmark, kwargs) in this process against one measured bf16 peak; print a markdown table."
+    peak = measure_matmul_peak(torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    rows = []
+    for label, bench, kwargs in plan:
+        if only and only not in label: continue
+        try: rows.append({"label": label, **bench(**kwargs, peak_tflops=peak)})
+        except Exception as error: rows.append({"label": label, "error": f"{type(error).__name__}: {str(error)[:200]}"})
+        torch._dynamo.reset()
+        if torch.cuda.is_available(): torch.cuda.empty_cache()
+    print(f"\n| step | batch | ms/step | samples/s | TFLOP/s | MFU (peak {peak:.0f} TFLOP/s) |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['label']} | error: {r['error']} |" if "error" in r else
+              f"| {r['label']} | {r['batch']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} |")
+    return rows

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .core import torch_threads
+from .core import checking_values, torch_threads
 
 # %% auto #0
 __all__ = ['REGRESSION_KINDS', 'COLLAPSE_MIN_RANK_FRACTION', 'COLLAPSE_MIN_STD', 'LossInputError', 'latent_regression_loss',
@@ -28,6 +28,7 @@ class LossInputError(ValueError):
 
 def _check_finite(x: torch.Tensor, name: str):
     if not torch.is_tensor(x): raise LossInputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not checking_values(): return                       # inside torch.compile: the training loop's watch covers NaN
     bad = (~torch.isfinite(x)).sum().item()
     if bad: raise LossInputError(f"{name} has {bad} NaN/inf value(s) of {x.numel()}; check the encoder output "
                                  f"(a diverged step upstream?) before computing the loss")
@@ -67,8 +68,8 @@ def latent_regression_loss(pred: torch.Tensor, target: torch.Tensor, kind: str =
     if mask.dtype != torch.bool: raise LossInputError(f"mask must be boolean (True = predicted position), got {mask.dtype}; pass mask.bool()")
     if mask.shape != per_pos.shape:
         raise LossInputError(f"mask {tuple(mask.shape)} must have the shape of pred without its last dim, {tuple(per_pos.shape)}")
-    if not mask.any(): raise LossInputError("mask selects no position; a loss over nothing is undefined")
-    return per_pos[mask].mean()
+    if checking_values() and not mask.any(): raise LossInputError("mask selects no position; a loss over nothing is undefined")
+    return (per_pos * mask).sum() / mask.sum().clamp_min(1)              # the masked mean, without a dynamic shape
 
 # %% ../nbs/05_losses.ipynb #14f58c7f
 class VICRegTerms(NamedTuple):

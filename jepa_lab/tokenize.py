@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .core import Run, _atomic_write, _write_json, autocast, data_hash, seed_everything, torch_threads, train_loop
-from .data import dialog_texts
 from .world import Triplet
 
 # %% auto #0
@@ -328,6 +327,7 @@ def _prefix_bytes(texts: list[str], n_bytes: int) -> list[str]:
 
 def benchmark_bpe(vocab_size: int = 1024, repeats: int = 3, naive_bytes: int = 4000, seed: int = 0) -> dict:
     "Lab BPE vs a naive encoder vs Hugging Face `tokenizers`: compression and MB/s, printed as one table."
+    from jepa_lab.data import dialog_texts        # here, not at import: image work on a GPU box needs no `datasets`
     train, held_out = dialog_texts("train", seed), dialog_texts("validation", seed) + dialog_texts("test", seed)
     t0 = time.perf_counter(); lab = ByteBPE.train(train, vocab_size); lab_train_s = time.perf_counter() - t0
     t0 = time.perf_counter(); hf = HFByteBPE.train(train, vocab_size); hf_train_s = time.perf_counter() - t0

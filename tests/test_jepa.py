@@ -157,10 +157,31 @@ def test_nan_gradient_stops_the_run_before_the_weights(tmp_path):
     def next_batch(step):
         poison["on"] = step == 5
         return nb(step)
-    with pytest.raises(NonFiniteError, match="grad_norm=nan at step 5"):
+    with pytest.raises(NonFiniteError, match="grad_norm first at step 5"):
         train_jepa(model, next_batch, TrainConfig(steps=10, batch_size=4, ckpt_every=4, log_every=1), Run(tmp_path), CPU)
     assert all(torch.isfinite(p).all() for p in model.parameters())      # the optimizer never took the bad step
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")) == ["step-00000004.safetensors"]
+
+
+def test_deferred_nan_check_names_the_first_bad_step_and_writes_no_poisoned_checkpoint(tmp_path):
+    "The GPU mode: no per-step sync; the run stops at the next log/checkpoint step, naming the first bad step."
+    model = tiny_image()
+    frames = torch.rand(16, 3, 64, 64)
+    poison = {"on": False}
+    model.student.patch_embed.weight.register_hook(lambda g: g * float("nan") if poison["on"] else g)
+    nb = image_batches(frames, 4, MultiBlockConfig(), CPU)
+    steps_run = []
+    def next_batch(step):
+        steps_run.append(step)
+        poison["on"] = step == 5
+        return nb(step)
+    train = TrainConfig(steps=12, batch_size=4, ckpt_every=4, log_every=4, nan_check="deferred")
+    with pytest.raises(NonFiniteError, match="first at step 5"):
+        train_jepa(model, next_batch, train, Run(tmp_path), CPU)
+    assert steps_run[-1] == 6       # eager: the loss's input check meets the NaN weights at step 6 (compiled: step 7)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("*.safetensors")) == ["step-00000004.safetensors"]
+    with pytest.raises(ValueError, match="nan_check"):
+        TrainConfig(nan_check="sometimes")
 
 
 class Interrupt(Exception):
