@@ -440,20 +440,25 @@ def progress(iterable=None, **kwargs):
 # %% ../nbs/00_core.ipynb #c6fb1192
 def train_loop(train_step, *, model, optimizer, steps: int, run: Run, scheduler=None, ckpt_every: int = 100,
                log_every: int = 10, keep: int = 2, config: dict | None = None, data_hash: str = "",
-               desc: str = "train") -> int:
-    "Run `train_step(step) -> metrics` from the last checkpoint in `run` to `steps`; returns the start step."
-    start = 0
-    if (last := latest_checkpoint(run.checkpoints)) is not None:
-        start = load_checkpoint(last, model, optimizer, scheduler).step
-        run.drop_metrics_after(start)
-        print(f"resumed from {last.name} at step {start}")
-    for step in progress(range(start, steps), initial=start, total=steps, desc=desc):
+               desc: str = "train", start: int | None = None, main: bool = True, reduce_metrics=None) -> int:
+    """Run `train_step(step) -> metrics` from the last checkpoint in `run` to `steps`; returns the start step.
+    For several processes (lesson 06a): `start` (resumed by the caller), `main` (this one logs, checkpoints and shows
+    progress), `reduce_metrics` (combines metrics across processes at log steps)."""
+    if start is None:
+        start = 0
+        if (last := latest_checkpoint(run.checkpoints)) is not None:
+            start = load_checkpoint(last, model, optimizer, scheduler).step
+            run.drop_metrics_after(start)
+            print(f"resumed from {last.name} at step {start}")
+    quiet = {} if main else {"disable": True}
+    for step in progress(range(start, steps), initial=start, total=steps, desc=desc, **quiet):
         metrics = train_step(step)
         is_last, saving = step + 1 == steps, (step + 1) % ckpt_every == 0
         if step % log_every == 0 or is_last or saving:
+            if reduce_metrics is not None: metrics = reduce_metrics(metrics)
             check_finite(step, metrics, hint=f" (checkpoints in {run.checkpoints})")
-            run.log(step, **metrics)
-        if saving or is_last:
+            if main: run.log(step, **metrics)
+        if (saving or is_last) and main:
             save_checkpoint(run.checkpoints / f"step-{step + 1:08d}.safetensors", model, optimizer, scheduler,
                             step=step + 1, config=config, data_hash=data_hash)
             for old in sorted(run.checkpoints.glob("step-*.safetensors"))[:-keep]: old.unlink()

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import FiniteWatch, NonFiniteError, Run, autocast, checking_values, train_loop
+from .core import FiniteWatch, NonFiniteError, Run, autocast, checking_values
+from .distributed import distributed_train_loop, gather_constants, gather_features, rank_batch_slice, wrap_ddp
 from .encoders import (Block, TextEncoder, TextEncoderConfig, ViT, ViTConfig, count_parameters, ema_teacher,
                                ema_update, init_weights, momentum_schedule, sincos_positions_2d,
                                text_base_config, vit_b16_config)
@@ -294,7 +295,8 @@ class JEPA(nn.Module):
     def distance(self, pred, target, mask=None, contrastive: bool = False) -> torch.Tensor:
         "The prediction term: latent regression to the layer-normed target, or InfoNCE over the batch if asked and configured."
         if contrastive and self.config.loss == "info_nce":
-            return info_nce_loss(pred.float(), F.layer_norm(target.float(), target.shape[-1:]), self.config.temperature).loss
+            return info_nce_loss(gather_features(pred.float()), gather_features(F.layer_norm(target.float(), target.shape[-1:])),
+                                 self.config.temperature).loss
         kind = "smooth_l1" if self.config.loss == "info_nce" else self.config.loss
         return latent_regression_loss(pred.float(), target.float(), kind, mask=mask)
 
@@ -335,10 +337,11 @@ class ImageJEPA(JEPA):
         if self.config.reg_on == "tokens":                                           # content variance at each position
             n = self.grid[0] * self.grid[1]
             tpos = torch.cat([masks.targets[:, k] for k in range(M)])                # (M·B, Nt)
-            reg, reg_terms = self.regularizer(position_centred(context.tokens, masks.context, n),   # (B·Nc, D)
-                                              position_centred(pred, tpos, n))                     # (M·B·Nt, D)
+            reg, reg_terms = self.regularizer(                                       # all ranks' rows (lesson 06a)
+                position_centred(gather_features(context.tokens), gather_constants(masks.context), n),   # (B·Nc, D)
+                position_centred(gather_features(pred), gather_constants(tpos), n))                     # (M·B·Nt, D)
         else:
-            reg, reg_terms = self.regularizer(context.pooled, pred.view(M, B, Nt, -1).mean((0, 2)))
+            reg, reg_terms = self.regularizer(gather_features(context.pooled), gather_features(pred.view(M, B, Nt, -1).mean((0, 2))))
         terms = {"prediction": prediction.detach(), **reg_terms}
         return JEPAStep(prediction + reg, terms, context.pooled.detach(), teacher.pooled)
 
@@ -384,7 +387,7 @@ class TextJEPA(JEPA):
         if self.span_weight > 0 and (not checking_values() or bool((~span_pad).any())):   # compiled: always (masked)
             span = self.distance(pred[:, :-1], _gather(ctx_targets, span_pos), mask=~span_pad)
             loss, terms["spans"] = loss + self.span_weight * span, span.detach()
-        reg, reg_terms = self.regularizer(student.pooled, pred[:, -1])
+        reg, reg_terms = self.regularizer(gather_features(student.pooled), gather_features(pred[:, -1]))
         return JEPAStep(loss + reg, {**terms, **reg_terms}, student.pooled.detach(), next_target)
 
     @torch.no_grad()
@@ -443,10 +446,11 @@ def collapse_metrics(student: torch.Tensor, target: torch.Tensor) -> dict:
 # %% ../nbs/06_jepa.ipynb #832052e4
 def train_jepa(model: JEPA, next_batch: Callable[[int], tuple], train: TrainConfig, run: Run, device: torch.device,
                dtype: torch.dtype = torch.float32, config: dict | None = None, data_hash: str = "", desc: str = "jepa") -> int:
-    "Train `model` on `next_batch(step) -> forward args` with `core.train_loop` (resumes from `run`); returns the start step."
+    "Train `model` on `next_batch(step) -> forward args` (resumes from `run`; under torchrun, DDP: lesson 06a); returns the start step."
     opt = adamw(model, train.lr, train.weight_decay, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps, train.warmup, train.min_lr_ratio))
-    forward = torch.compile(model, dynamic=False) if train.compile else model       # same parameters; a graph per shape
+    forward = wrap_ddp(model)                                                        # DDP under torchrun (06a), else model
+    forward = torch.compile(forward, dynamic=False) if train.compile else forward   # same parameters; a graph per shape
     trainable = [p for p in model.parameters() if p.requires_grad]
     c, watch, hint = model.config, FiniteWatch(("loss", "grad_norm")), f" (checkpoints in {run.checkpoints})"
     every_step = train.nan_check == "step" or (train.nan_check == "auto" and device.type == "cpu")
@@ -454,7 +458,7 @@ def train_jepa(model: JEPA, next_batch: Callable[[int], tuple], train: TrainConf
         model.train()
         try:
             with autocast(device, dtype):
-                out = forward(*next_batch(step))
+                out = forward(*rank_batch_slice(next_batch(step)))                  # this rank's rows of the global batch
         except Exception as error:                                                   # an earlier NaN step explains it?
             try: watch.check(hint)
             except NonFiniteError as nan: raise nan from error
@@ -469,10 +473,11 @@ def train_jepa(model: JEPA, next_batch: Callable[[int], tuple], train: TrainConf
         momentum = momentum_schedule(step, train.steps, c.ema_start, c.ema_end)
         model.update_teacher(momentum)
         metrics = {"loss": out.loss.detach(), **out.terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0], "momentum": momentum}
-        if step % train.log_every == 0 or step + 1 == train.steps: metrics.update(collapse_metrics(out.student, out.target))
+        if step % train.log_every == 0 or step + 1 == train.steps:
+            metrics.update(collapse_metrics(gather_constants(out.student), gather_constants(out.target)))
         return metrics
-    return train_loop(train_step, model=model, optimizer=opt, scheduler=sched, steps=train.steps, run=run,
-                      ckpt_every=train.ckpt_every, log_every=train.log_every, config=config, data_hash=data_hash, desc=desc)
+    return distributed_train_loop(train_step, model=model, optimizer=opt, scheduler=sched, steps=train.steps, run=run,
+                      global_batch=train.batch_size, ckpt_every=train.ckpt_every, log_every=train.log_every, config=config, data_hash=data_hash, desc=desc)
 
 # %% ../nbs/06_jepa.ipynb #7b17317b
 class DialogTensors(NamedTuple):

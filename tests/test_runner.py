@@ -116,3 +116,25 @@ def test_strip_flagged_cells_keeps_the_others():
     nb.cells = [nbformat.v4.new_code_cell(s) for s in ["a = 1", "#| slow\nb = 2", "#|gpu\nc = 3", "# | export\nd = 4"]]
     kept = [c.source for c in strip_flagged_cells(nb, ["slow", "gpu"]).cells]
     assert kept == ["a = 1", "# | export\nd = 4"]
+
+
+def test_train_ddp_runs_the_notebook_on_two_ranks_and_records_a_failing_rank(jepa_lab, cli_env, tmp_path):
+    nb = notebook(tmp_path / "nbs" / "ddp_probe.ipynb", "n = 3",
+                  "import torch\nfrom jepa_lab.core import Run\nfrom jepa_lab.distributed import context, gather_features\n"
+                  "ctx = context()\ngathered = gather_features(torch.full((2, 1), float(ctx.rank)))\n"
+                  "Run.start('probe', {'n': n}).summary(rank=ctx.rank, world=ctx.world_size, gathered=gathered.sum().item(), n=n)",
+                  "torch.distributed.barrier()\nif n < 0 and ctx.rank == 1: raise ValueError('rank 1 refuses')")
+    out = tmp_path / "ddp"
+    res = cli(jepa_lab, cli_env, "train-ddp", nb, "--nproc", "2", "-p", "n", "-1", "--out", out)
+    assert res.returncode == 1, res.stdout + res.stderr
+    rank0, rank1 = (json.loads((f / "summary.json").read_text()) for f in (out, out / "ranks" / "rank-1"))
+    assert (rank0["rank"], rank1["rank"], rank0["world"], rank0["n"]) == (0, 1, 2, -1)      # typed -p, two real ranks
+    assert rank0["gathered"] == rank1["gathered"] == 2.0                                      # 0 + 0 + 1 + 1: features crossed ranks
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "failed" and record["nproc"] == 2 and "rank 1: " in record["error"] and "rank 1 refuses" in record["error"]
+    assert (out / "executed.ipynb").exists() and (out / "ranks" / "rank-1" / "executed.ipynb").exists()
+
+
+def test_train_ddp_refuses_an_undeclared_parameter_before_starting_ranks(jepa_lab, cli_env, tmp_path):
+    res = cli(jepa_lab, cli_env, "train-ddp", "experiments/tiny_mlp", "--nproc", "2", "-p", "step", "10", "--out", tmp_path / "x")
+    assert res.returncode == 2 and "declares no parameter 'step'" in res.stderr and not (tmp_path / "x").exists()
