@@ -1,0 +1,135 @@
+"World model (lesson 07): latent transitions, rollouts, planning on two rooms, the dialog `reply` action."
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from jepa_lab.core import load_checkpoint, save_checkpoint, seed_everything
+from jepa_lab.world import TwoRoomsConfig, two_rooms_trajectories
+from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, WorldModel,
+                                  WorldModelConfig, WorldModelError, evaluate_reply, plan, rollout, run_episodes,
+                                  step_losses, teacher_forced, train_reply_transition, world_model_losses)
+
+
+def position_latents(data: dict, embed: torch.Tensor) -> torch.Tensor:
+    "Latents of walks: positions (N, T+1, 2) scaled to [0, 1] and mapped by a fixed random embedding (2, D)."
+    return torch.from_numpy(data["positions"] / 64.0) @ embed
+
+
+def fit_transition(z: torch.Tensor, actions: torch.Tensor, steps: int = 400, seed: int = 0) -> LatentTransition:
+    "Teacher-forced training of a small LatentTransition on latents (N, T+1, D) and actions (N, T, 2)."
+    seed_everything(seed)
+    model = LatentTransition(z.shape[-1], 2, hidden=64)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        i = torch.randint(0, len(z), (128,), generator=g)
+        loss = step_losses(teacher_forced(model, z[i], actions[i]), z[i, 1:]).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def walks_and_transition():
+    embed = torch.randn(2, 16, generator=torch.Generator().manual_seed(0))
+    train = two_rooms_trajectories(4000, 8, seed=0)
+    z = position_latents(train, embed).float()
+    transition = fit_transition(z, torch.from_numpy(train["actions"]))
+    return embed, transition
+
+
+def test_transition_beats_copy_last_at_k1_and_k4(one_thread, walks_and_transition):
+    embed, transition = walks_and_transition
+    test = two_rooms_trajectories(500, 8, seed=1)
+    z = position_latents(test, embed).float()
+    with torch.no_grad():
+        pred = rollout(transition, z[:, 0], torch.from_numpy(test["actions"]))
+    model_err, copy_err = step_losses(pred, z[:, 1:]), step_losses(z[:, :1].expand(-1, 8, -1), z[:, 1:])
+    ratio = (model_err / copy_err).numpy()
+    assert ratio[0] < 0.5 and ratio[3] < 0.5, ratio            # at most half copy-last's error at k = 1 and k = 4
+
+
+class PositionEncoder(nn.Module):
+    "The agent's position read off the dot channel (an exact centroid), embedded like the training latents."
+    def __init__(self, embed): super().__init__(); self.embed = embed
+    def forward(self, obs):
+        dot = obs[:, 0].double()                                                    # (B, S, S)
+        pix = torch.arange(dot.shape[-1], dtype=torch.float64)
+        mass = dot.sum((1, 2))
+        xy = torch.stack([(dot.sum(1) * pix).sum(1) / mass, (dot.sum(2) * pix).sum(1) / mass], 1)
+        return (xy / 64.0 @ self.embed.double()).float()
+
+
+def test_planning_beats_random_actions(one_thread, walks_and_transition):
+    embed, transition = walks_and_transition
+    model = nn.Module(); model.encoder, model.transition = PositionEncoder(embed), transition
+    planner = PlannerConfig(horizon=8, samples=24, iterations=2, elites=6)
+    mppi = run_episodes("mppi", model, 16, seed=5, planner=planner)
+    random = run_episodes("random", None, 16, seed=5)
+    assert mppi["distance"] < random["distance"] - 10, (mppi, random)   # ends at least 10 px nearer the goal
+    assert mppi["success"] >= random["success"]
+
+
+def test_teacher_forced_and_autoregressive_shapes():
+    seed_everything(0)
+    for transition in (LatentTransition(8, 2, hidden=16), GRUTransition(8, 2, hidden=16)):
+        z, a = torch.randn(5, 7, 8), torch.randn(5, 6, 2)
+        assert rollout(transition, z[:, 0], a).shape == teacher_forced(transition, z, a).shape == (5, 6, 8)
+        assert step_losses(rollout(transition, z[:, 0], a), z[:, 1:]).shape == (6,)
+    tf, ar = (WorldModel(WorldModelConfig(latent_dim=8, channels=(4, 4, 4), hidden=16, rollout=r))
+              for r in ("teacher_forced", "autoregressive"))
+    ar.load_state_dict(tf.state_dict())
+    data = two_rooms_trajectories(4, 3, seed=0)
+    from jepa_lab.world import render_two_rooms
+    obs = torch.from_numpy(render_two_rooms(data["positions"], data["wall_x"], data["door_y"]))
+    (l_tf, terms_tf), (l_ar, _) = (world_model_losses(m, obs, torch.from_numpy(data["actions"])) for m in (tf, ar))
+    assert l_tf.ndim == l_ar.ndim == 0 and set(terms_tf) == {"prediction", "variance", "covariance", "time_sim", "idm"}
+    # one step: teacher forcing and the rollout are the same prediction
+    assert torch.allclose(world_model_losses(tf, obs[:, :2], torch.from_numpy(data["actions"][:, :1]))[0],
+                          world_model_losses(ar, obs[:, :2], torch.from_numpy(data["actions"][:, :1]))[0])
+
+
+def test_an_untrained_transition_is_copy_last():
+    z, a = torch.randn(3, 8), torch.randn(3, 4, 2)
+    assert torch.equal(rollout(LatentTransition(8, 2), z, a), z[:, None].expand(-1, 4, -1))
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda m: m(torch.randn(4, 8), torch.randn(4, 3)), "action a must be (B=4, 2)"),
+    (lambda m: m(torch.randn(4, 7), torch.randn(4, 2)), "latent z must be (B, 8)"),
+    (lambda m: rollout(m, torch.randn(4, 8), torch.randn(4, 0, 2)), "horizon H must be >= 1"),
+    (lambda m: rollout(m, torch.randn(4, 8), torch.randn(4, 2)), "actions must be (B=4, H, A)"),
+    (lambda m: step_losses(torch.full((2, 3, 8), float("nan")), torch.zeros(2, 3, 8)), "NaN"),
+    (lambda m: plan("mppi", m, torch.full((2, 8), float("nan")), torch.zeros(2, 8), PlannerConfig()), "NaN"),
+    (lambda m: plan("gradient", m, torch.zeros(2, 8), torch.zeros(2, 8), PlannerConfig()), "choose cem or mppi"),
+    (lambda m: PlannerConfig(horizon=0), "horizon must be >= 1"),
+    (lambda m: PlannerConfig(samples=4, elites=8), "elites"),
+    (lambda m: run_episodes("teleport", None, 2, 0), "policy 'teleport'"),
+    (lambda m: ImpalaEncoder(8)(torch.zeros(2, 3, 65, 65)), "observations must be"),
+    (lambda m: train_reply_transition(torch.zeros(4, 8), torch.zeros(4, 6)), "must both be (N, D)"),
+    (lambda m: WorldModel(WorldModelConfig(predictor="lstm")), "choose mlp or gru"),
+])
+def test_bad_input_raises_a_clear_error(call, words):
+    with pytest.raises(WorldModelError, match=None) as info:
+        call(LatentTransition(8, 2, hidden=16))
+    assert words in str(info.value), str(info.value)
+
+
+def test_reply_transition_learns_a_fixed_map(one_thread):
+    "Next-turn latents that are a fixed rotation of the context latents: the reply transition beats the identity."
+    g = torch.Generator().manual_seed(0)
+    rotation = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    z_ctx = torch.randn(600, 16, generator=g)
+    z_next = z_ctx @ rotation + 0.1 * torch.randn(600, 16, generator=g)
+    reply = train_reply_transition(z_ctx[:500], z_next[:500], steps=300, hidden=64, weight_decay=0.0)
+    texts = [f"turn {i}" for i in range(100)]
+    ours, identity = evaluate_reply(reply, z_ctx[500:], z_next[500:], texts), evaluate_reply(None, z_ctx[500:], z_next[500:], texts)
+    assert ours["cos"] > identity["cos"] + 0.3 and ours["mrr"] > identity["mrr"] + 0.3, (ours, identity)
+
+
+def test_world_model_checkpoint_round_trip(tmp_path):
+    seed_everything(0)
+    a, b = (WorldModel(WorldModelConfig(latent_dim=8, channels=(4, 4, 4), hidden=16)) for _ in range(2))
+    save_checkpoint(tmp_path / "wm.safetensors", a, step=3, config={"latent_dim": 8})
+    assert load_checkpoint(tmp_path / "wm.safetensors", b, restore_rng=False).step == 3
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
