@@ -29,12 +29,13 @@ from .world import ACTIONS, LabWorld, Triplet, _png, describe_scene, lab_traject
 from .world_model import LatentTransition
 
 # %% auto #0
-__all__ = ['LESSON06_VIT', 'IMAGE_JEPA_CHECKPOINT', 'DREAM_GRAPH_FORMAT', 'DreamError', 'frame_encoder', 'LabWalks', 'lab_walks',
-           'SituationBank', 'TransitionSet', 'walk_transitions', 'MoEConfig', 'MoEOutput', 'expert_capacity',
-           'capacity_keep', 'switch_balance_loss', 'DreamingMoE', 'dense_moe_forward', 'benchmark_moe',
-           'MoETrainConfig', 'entropy', 'routing_stats', 'moe_loss', 'train_moe', 'evaluate_moe', 'plot_expert_usage',
-           'balance_ablation', 'DreamTriplet', 'dream_step', 'dream', 'dream_graph', 'save_dream_graph',
-           'load_dream_graph', 'latest_dream_graph', 'component_grid_layout', 'plot_dream_graph', 'dream_explorer']
+__all__ = ['LESSON06_VIT', 'IMAGE_JEPA_CHECKPOINT', 'DREAM_GRAPH_FORMAT', 'DREAM_GRAPH_GLOBS', 'DreamError', 'frame_encoder',
+           'LabWalks', 'lab_walks', 'SituationBank', 'TransitionSet', 'walk_transitions', 'MoEConfig', 'MoEOutput',
+           'expert_capacity', 'capacity_keep', 'switch_balance_loss', 'DreamingMoE', 'dense_moe_forward',
+           'benchmark_moe', 'MoETrainConfig', 'entropy', 'routing_stats', 'moe_loss', 'train_moe', 'evaluate_moe',
+           'plot_expert_usage', 'balance_ablation', 'DreamTriplet', 'dream_step', 'dream', 'dream_graph',
+           'save_dream_graph', 'load_dream_graph', 'latest_dream_graph', 'component_grid_layout', 'plot_dream_graph',
+           'dream_explorer']
 
 # %% ../nbs/08_dreams.ipynb #3e3c8dfa
 class DreamError(ValueError):
@@ -414,10 +415,13 @@ def load_dream_graph(path) -> nx.MultiDiGraph:
                          f"expected {DREAM_GRAPH_FORMAT!r})")
     return nx.node_link_graph(data["graph"], directed=True, multigraph=True, **_LINK_KEYS)
 
+DREAM_GRAPH_GLOBS = ("08_dreams*/dream_graph.json", "*/08_dreams*/dream_graph.json")   # a run; a run in a course or sweep
+
 def latest_dream_graph(runs_path) -> Path:
-    "The newest `dream_graph.json` in `runs_path/08_dreams-*/` (what lesson 09 loads), or DreamError."
-    found = sorted(Path(runs_path).glob("08_dreams-*/dream_graph.json"), key=lambda p: p.stat().st_mtime)
-    if not found: raise DreamError(f"no dream graph in {runs_path}/08_dreams-*/: run lesson 08 first (jepa-lab run 08_dreams)")
+    "The newest `dream_graph.json` of a lesson-08 run under `runs_path` (what lesson 09 loads), or DreamError."
+    found = sorted((p for g in DREAM_GRAPH_GLOBS for p in Path(runs_path).glob(g)), key=lambda p: p.stat().st_mtime)
+    if not found: raise DreamError(f"no dream graph under {runs_path} (08_dreams*/ or */08_dreams*/): "
+                                   f"run lesson 08 first (jepa-lab run 08_dreams)")
     return found[-1]
 
 # %% ../nbs/08_dreams.ipynb #bcfac97c

@@ -212,6 +212,10 @@ def test_dream_graph_round_trip_and_safe_files(lab, tmp_path):
         latest_dream_graph(tmp_path)
     newest = save_dream_graph(again, tmp_path / "08_dreams-20990101-000000" / "dream_graph.json")
     assert latest_dream_graph(tmp_path) == newest
+    import os
+    os.utime(newest, (1, 1))                                                      # older than the course's one below
+    in_course = save_dream_graph(again, tmp_path / "course-20990101-000000" / "08_dreams" / "dream_graph.json")
+    assert latest_dream_graph(tmp_path) == in_course                              # `jepa-lab course` names runs without time
 
 
 def test_explorer_steps_headless(lab):
