@@ -377,6 +377,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                     'jepa_lab.graph_rag._benchmark_graphs': ('graph_rag.html#_benchmark_graphs', 'jepa_lab/graph_rag.py'),
                                     'jepa_lab.graph_rag._best_time': ('graph_rag.html#_best_time', 'jepa_lab/graph_rag.py'),
                                     'jepa_lab.graph_rag._check_confidence': ('graph_rag.html#_check_confidence', 'jepa_lab/graph_rag.py'),
+                                    'jepa_lab.graph_rag._check_ppr_inputs': ('graph_rag.html#_check_ppr_inputs', 'jepa_lab/graph_rag.py'),
                                     'jepa_lab.graph_rag._check_source': ('graph_rag.html#_check_source', 'jepa_lab/graph_rag.py'),
                                     'jepa_lab.graph_rag._insert_rows': ('graph_rag.html#_insert_rows', 'jepa_lab/graph_rag.py'),
                                     'jepa_lab.graph_rag._is_busy': ('graph_rag.html#_is_busy', 'jepa_lab/graph_rag.py'),

@@ -28,8 +28,8 @@ from safetensors import safe_open
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .core import (Run, _as_float, _rng_state, _set_rng_state, _write_json, check_finite, data_hash, latest_checkpoint,
-                           load_checkpoint, progress, save_checkpoint, train_loop)
+from .core import (Run, _as_float, _rng_state, _set_rng_state, _write_json, data_hash, latest_checkpoint,
+                           load_checkpoint, train_loop)
 from .losses import info_nce_loss, sigreg_loss, vicreg_loss
 
 # %% auto #0

@@ -297,12 +297,17 @@ def _personalization(p, n: int) -> np.ndarray:
     return p / total
 
 # %% ../nbs/09_graph_rag.ipynb #f079286a
-def personalized_pagerank(adjacency: sp.spmatrix, personalization, alpha: float = 0.5, tol: float = 1e-8,
-                          max_iter: int = 1000, transition=None) -> np.ndarray:
-    "PPR scores (N,) or (N, B) by sparse power iteration (float64); columns are independent queries."
+def _check_ppr_inputs(adjacency, alpha: float) -> int:
+    "The number of nodes, after refusing an empty graph or a damping outside [0, 1)."
     n = adjacency.shape[0]
     if n == 0: raise EmptyGraphError("personalised PageRank on an empty graph: ingest facts first")
     if not 0 <= alpha < 1: raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    return n
+
+def personalized_pagerank(adjacency: sp.spmatrix, personalization, alpha: float = 0.5, tol: float = 1e-8,
+                          max_iter: int = 1000, transition=None) -> np.ndarray:
+    "PPR scores (N,) or (N, B) by sparse power iteration (float64); columns are independent queries."
+    n = _check_ppr_inputs(adjacency, alpha)
     PT, dangling = transition or transition_transpose(adjacency)
     p = _personalization(personalization, n)
     single = p.ndim == 1
@@ -346,9 +351,7 @@ def symmetric_operator(adjacency: sp.spmatrix) -> tuple[sp.csr_matrix, np.ndarra
 def undirected_ppr(adjacency: sp.spmatrix, personalization, alpha: float = 0.5, tol: float = 1e-8,
                    max_iter: int = 1000, operator=None) -> np.ndarray:
     "PPR scores (N,) or (N, B) on a symmetric adjacency by Chebyshev iteration; every score within `tol`."
-    n = adjacency.shape[0]
-    if n == 0: raise EmptyGraphError("personalised PageRank on an empty graph: ingest facts first")
-    if not 0 <= alpha < 1: raise ValueError(f"alpha must be in [0, 1), got {alpha}")
+    n = _check_ppr_inputs(adjacency, alpha)
     S, scale, sqrt_dmax = operator or symmetric_operator(adjacency)
     p = _personalization(personalization, n)
     single = p.ndim == 1

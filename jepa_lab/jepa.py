@@ -327,16 +327,15 @@ class ImageJEPA(JEPA):
             h = F.layer_norm(teacher.tokens, teacher.tokens.shape[-1:])
             targets = torch.cat([_gather(h, masks.targets[:, k]) for k in range(M)])   # (M·B, Nt, D) block-major
         context = self.student(images, keep=masks.context)                           # tokens (B, Nc, D)
+        tpos = torch.cat([masks.targets[:, k] for k in range(M)])                    # (M·B, Nt) block-major
         if self.predictor is not None:
             ctx = context.tokens.repeat(M, 1, 1)                                     # (M·B, Nc, D)
-            tpos = torch.cat([masks.targets[:, k] for k in range(M)])                # (M·B, Nt)
             pred = self.predictor(ctx, masks.context.repeat(M, 1), tpos)             # (M·B, Nt, D)
         else:
             pred = context.pooled[:, None].expand(B, Nt, -1).repeat(M, 1, 1)         # every target: the pooled context
         prediction = self.distance(pred, targets)
         if self.config.reg_on == "tokens":                                           # content variance at each position
             n = self.grid[0] * self.grid[1]
-            tpos = torch.cat([masks.targets[:, k] for k in range(M)])                # (M·B, Nt)
             reg, reg_terms = self.regularizer(                                       # all ranks' rows (lesson 06a)
                 position_centred(gather_features(context.tokens), gather_constants(masks.context), n),   # (B·Nc, D)
                 position_centred(gather_features(pred), gather_constants(tpos), n))                     # (M·B·Nt, D)
