@@ -136,7 +136,7 @@ def run_notebook(nb, params: dict | None = None, out: Path | None = None, *, nbs
     nb = resolve_notebook(str(nb), nbs)
     params = params or {}
     name = notebook_name(nb, nbs) if nb.is_relative_to(nbs.resolve()) else nb.stem
-    out = Path(out) if out else _new_run_dir(load_settings().runs_path, name.replace("/", "-"))
+    out = Path(out).resolve() if out else _new_run_dir(load_settings().runs_path, name.replace("/", "-"))
     out.mkdir(parents=True, exist_ok=True)
     record = {"notebook": name, "source": str(nb), "params": params, "skip": list(skip), "status": "running",
               "started": dt.datetime.now().isoformat(timespec="seconds")}
@@ -193,7 +193,7 @@ def sweep(nb, grid: dict, params: dict | None = None, out: Path | None = None, *
     "Run `nb` at every point of `grid` (name -> list of values); returns the sweep folder with its report."
     nbs = Path(nbs or nbs_folder())
     path = resolve_notebook(str(nb), nbs)
-    out = Path(out) if out else _new_run_dir(load_settings().runs_path, f"sweep-{path.stem}")
+    out = Path(out).resolve() if out else _new_run_dir(load_settings().runs_path, f"sweep-{path.stem}")
     for values in itertools.product(*grid.values()):
         point = dict(zip(grid, values))
         label = ",".join(f"{k}={v}" for k, v in point.items())
@@ -204,7 +204,7 @@ def sweep(nb, grid: dict, params: dict | None = None, out: Path | None = None, *
 def course(nbs: Path | None = None, out: Path | None = None, skip=("slow", "gpu")) -> tuple[Path, bool]:
     "Run every lesson and experiment with defaults into `runs/course-<time>/`; returns (report, all ok)."
     nbs = Path(nbs or nbs_folder())
-    out = Path(out) if out else _new_run_dir(load_settings().runs_path, "course")
+    out = Path(out).resolve() if out else _new_run_dir(load_settings().runs_path, "course")
     ok = True
     for nb in list_notebooks(nbs):
         name = notebook_name(nb, nbs)
@@ -236,7 +236,7 @@ def train_ddp(nb, params: dict | None = None, out: Path | None = None, *, nproc:
     nbs = Path(nbs or nbs_folder())
     nb = resolve_notebook(str(nb), nbs)
     name = notebook_name(nb, nbs) if nb.is_relative_to(nbs.resolve()) else nb.stem
-    out = Path(out) if out else _new_run_dir(load_settings().runs_path, name.replace("/", "-"))
+    out = Path(out).resolve() if out else _new_run_dir(load_settings().runs_path, name.replace("/", "-"))
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("ranks/rank-*/rank.json"): stale.unlink()
     code = subprocess.call(ddp_command(nb, params or {}, out, nproc, skip))

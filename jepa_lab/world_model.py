@@ -23,10 +23,10 @@ from .world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_traject
 
 # %% auto #0
 __all__ = ['OBS_MEAN', 'OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError', 'LatentTransition', 'GRUTransition',
-           'rollout', 'teacher_forced', 'step_losses', 'ResidualBlock', 'ImpalaEncoder', 'InverseDynamics',
-           'WorldModelConfig', 'WorldModel', 'world_model_losses', 'two_rooms_batch', 'train_world_model',
-           'kstep_errors', 'nearest_positions', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan', 'greedy_actions',
-           'run_episodes', 'train_reply_transition', 'evaluate_reply']
+           'NormedTransition', 'rollout', 'teacher_forced', 'step_losses', 'ResidualBlock', 'ImpalaEncoder',
+           'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses', 'render_two_rooms_torch',
+           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'nearest_positions', 'PlannerConfig', 'clip_norm',
+           'plan_cost', 'plan', 'greedy_actions', 'run_episodes', 'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -73,6 +73,15 @@ class GRUTransition(nn.Module):
         _check_za(z, a, self.latent_dim, self.action_dim)
         return self.cell(self.embed(a.to(z.dtype)), z)
 
+class NormedTransition(nn.Module):
+    "LayerNorm(f(z, a)): eb_jepa's `final_ln` on every prediction, so predictions live where a layer-normed encoder puts latents."
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner, self.norm = inner, nn.LayerNorm(inner.latent_dim)
+        self.latent_dim, self.action_dim = inner.latent_dim, inner.action_dim
+
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor: return self.norm(self.inner(z, a))
+
 # %% ../nbs/07_world_model.ipynb #e9994c2a
 def _check_rollout(z0: torch.Tensor, actions: torch.Tensor):
     if actions.ndim != 3 or len(actions) != len(z0):
@@ -115,7 +124,7 @@ class ResidualBlock(nn.Module):
 class ImpalaEncoder(nn.Module):
     "Observations (..., C, S, S) -> latents (..., latent_dim): normalise, [conv, max-pool, residual blocks] per stage, linear."
     def __init__(self, latent_dim: int = 64, channels: tuple = (16, 32, 32), blocks: int = 0, stem_stride: int = 4,
-                 in_channels: int = 2, img_size: int = 65):
+                 in_channels: int = 2, img_size: int = 65, final_ln: bool = False):
         super().__init__()
         layers, c_in, s = [], in_channels, img_size
         for i, c in enumerate(channels):
@@ -127,6 +136,7 @@ class ImpalaEncoder(nn.Module):
             c_in = c
         self.features = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
         self.head = nn.Linear(c_in * s * s, latent_dim)
+        self.norm = nn.LayerNorm(latent_dim) if final_ln else nn.Identity()    # eb_jepa: final_ln=True
         self.latent_dim, self.in_shape = latent_dim, (in_channels, img_size, img_size)
         self.register_buffer("obs_mean", torch.tensor(OBS_MEAN[:in_channels])[:, None, None], persistent=False)
         self.register_buffer("obs_std", torch.tensor(OBS_STD[:in_channels])[:, None, None], persistent=False)
@@ -136,7 +146,7 @@ class ImpalaEncoder(nn.Module):
             raise WorldModelError(f"observations must be (..., {', '.join(map(str, self.in_shape))}), got {tuple(obs.shape)}")
         lead = obs.shape[:-3]
         x = ((obs - self.obs_mean) / self.obs_std).reshape(-1, *self.in_shape)
-        return self.head(self.features(x)).reshape(*lead, self.latent_dim)
+        return self.norm(self.head(self.features(x))).reshape(*lead, self.latent_dim)
 
 class InverseDynamics(nn.Module):
     "g(z_t, z_{t+1}) -> a_t: the inverse-dynamics head that keeps the agent in the latent."
@@ -161,6 +171,7 @@ class WorldModelConfig:
     idm_coeff: float = 1.0
     rollout: str = "autoregressive"   # prediction loss: autoregressive | teacher_forced
     freeze_encoder: bool = False  # True: the encoder stays at its random init; only the transition learns
+    final_ln: bool = False        # LayerNorm on the encoder's latents and on every prediction (eb_jepa; the GRU needs it)
 
 ABLATIONS = {"none": {}, "no_var": {"std_coeff": 0.0}, "no_cov": {"cov_coeff": 0.0},
              "no_sim": {"sim_coeff_t": 0.0}, "no_idm": {"idm_coeff": 0.0}}
@@ -172,9 +183,10 @@ class WorldModel(nn.Module):
         c = self.config = config
         if c.predictor not in ("mlp", "gru"): raise WorldModelError(f"predictor {c.predictor!r}: choose mlp or gru")
         if c.rollout not in ("autoregressive", "teacher_forced"): raise WorldModelError(f"rollout {c.rollout!r}: choose autoregressive or teacher_forced")
-        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride)
-        self.transition = (LatentTransition(c.latent_dim, action_dim, c.hidden) if c.predictor == "mlp"
-                           else GRUTransition(c.latent_dim, action_dim, c.hidden))
+        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride, final_ln=c.final_ln)
+        transition = (LatentTransition(c.latent_dim, action_dim, c.hidden) if c.predictor == "mlp"
+                      else GRUTransition(c.latent_dim, action_dim, c.hidden))
+        self.transition = NormedTransition(transition) if c.final_ln else transition
         self.idm = InverseDynamics(c.latent_dim, action_dim)
         if c.freeze_encoder: self.encoder.requires_grad_(False)
 
@@ -194,6 +206,24 @@ def world_model_losses(model: WorldModel, obs: torch.Tensor, actions: torch.Tens
                    "time_sim": time_sim.detach(), "idm": idm.detach()}
 
 # %% ../nbs/07_world_model.ipynb #38de0765
+def render_two_rooms_torch(positions: torch.Tensor, wall_x: torch.Tensor, door_y: torch.Tensor,
+                           config: TwoRoomsConfig = TwoRoomsConfig()) -> torch.Tensor:
+    "Observations (B, T, 2, S, S) for positions (B, T, 2), rendered on the positions' device (02's `render_two_rooms`)."
+    if positions.ndim != 3 or positions.shape[-1] != 2 or not len(positions) == len(wall_x) == len(door_y):
+        raise WorldModelError(f"positions must be (B, T, 2) with B = len(wall_x) = len(door_y), got {tuple(positions.shape)}, "
+                              f"{len(wall_x)}, {len(door_y)}")
+    pix = torch.arange(config.img_size, device=positions.device, dtype=torch.float32)
+    profiles = torch.exp(-(pix - positions.float()[..., None]) ** 2 / (2 * config.dot_std ** 2))   # (B, T, 2, S)
+    dots = profiles[..., 1, :, None] * profiles[..., 0, None, :]                 # (B, T, S, S) rows = y, cols = x
+    wall_x, door_y = (v.to(positions.device)[:, None, None] for v in (wall_x, door_y))
+    in_wall = (pix[None, None, :] - wall_x).abs() <= config.wall_width // 2      # (B, 1, S) columns
+    in_door = (pix[None, :, None] - door_y).abs() <= config.door_space           # (B, S, 1) rows
+    walls = (in_wall & ~in_door).float()                                          # (B, S, S)
+    lo, hi = config.box
+    walls[:, [lo, hi], :] = 1.0
+    walls[:, :, [lo, hi]] = 1.0
+    return torch.stack([dots, walls[:, None].expand_as(dots)], 2)
+
 def two_rooms_batch(data: dict, batch_size: int, seq_len: int, generator: np.random.Generator,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     "Random windows of walks: observations (B, T+1, 2, S, S) and actions (B, T, 2) on `device`."
@@ -201,8 +231,9 @@ def two_rooms_batch(data: dict, batch_size: int, seq_len: int, generator: np.ran
     if not 1 <= seq_len <= steps: raise WorldModelError(f"seq_len must be in 1..{steps} (the walks' length), got {seq_len}")
     idx, off = generator.integers(0, n, batch_size), int(generator.integers(0, steps - seq_len + 1))
     pos, act = data["positions"][idx, off:off + seq_len + 1], data["actions"][idx, off:off + seq_len]
-    obs = render_two_rooms(pos, data["wall_x"][idx], data["door_y"][idx])
-    return torch.from_numpy(obs).to(device, non_blocking=True), torch.from_numpy(act).to(device, non_blocking=True)
+    to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
+    obs = render_two_rooms_torch(to_device(pos), to_device(data["wall_x"][idx]), to_device(data["door_y"][idx]))
+    return obs, to_device(act)
 
 def train_world_model(model: WorldModel, data: dict, run: Run, steps: int, batch_size: int = 16, seq_len: int = 8,
                       lr: float = 1e-3, warmup: int = 50, device: torch.device = torch.device("cpu"),
@@ -223,7 +254,7 @@ def train_world_model(model: WorldModel, data: dict, run: Run, steps: int, batch
     return train_loop(train_step, model=model, optimizer=opt, scheduler=sched, steps=steps, run=run, log_every=log_every,
                       ckpt_every=ckpt_every, config=asdict(model.config), desc=desc)
 
-# %% ../nbs/07_world_model.ipynb #63189a31
+# %% ../nbs/07_world_model.ipynb #50bb6bf8
 @torch.no_grad()
 def kstep_errors(model: WorldModel, data: dict, k_max: int = 8, n: int = 256, device=torch.device("cpu")) -> dict:
     "Per-k mean squared latent error of the rollout and of copy-last (z_0) on the first `n` walks of `data`; (k_max,) arrays."
@@ -234,7 +265,7 @@ def kstep_errors(model: WorldModel, data: dict, k_max: int = 8, n: int = 256, de
     model_err, copy_err = step_losses(pred, z[:, 1:]), step_losses(z[:, :1].expand(-1, k_max, -1), z[:, 1:])
     return {"model": model_err.cpu().numpy(), "copy_last": copy_err.cpu().numpy(), "ratio": (model_err / copy_err).cpu().numpy()}
 
-# %% ../nbs/07_world_model.ipynb #35168c93
+# %% ../nbs/07_world_model.ipynb #0896f353
 @torch.no_grad()
 def nearest_positions(encoder: nn.Module, z: torch.Tensor, wall_x: int, door_y: int, step: float = 1.0) -> np.ndarray:
     "Decode latents z (N, D) of one layout to positions (N, 2): the grid position whose encoded frame is nearest."
@@ -244,7 +275,7 @@ def nearest_positions(encoder: nn.Module, z: torch.Tensor, wall_x: int, door_y: 
     bank = torch.cat([encoder(frames[i:i + 1024]).float() for i in range(0, len(frames), 1024)])
     return grid[torch.cdist(z.float(), bank).argmin(1).cpu().numpy()]
 
-# %% ../nbs/07_world_model.ipynb #aff75eb7
+# %% ../nbs/07_world_model.ipynb #ab9711c8
 @dataclass
 class PlannerConfig:
     "CEM / MPPI settings (CPU defaults; eb_jepa: horizon 90, samples 200, iterations 20, elites 20)."
@@ -308,7 +339,7 @@ def greedy_actions(transition: nn.Module, z0: torch.Tensor, z_goal: torch.Tensor
     cost = plan_cost(transition, z0, z_goal, moves[None, :, None].expand(len(z0), -1, 1, -1))
     return moves[cost.argmin(1)]
 
-# %% ../nbs/07_world_model.ipynb #ab9711c8
+# %% ../nbs/07_world_model.ipynb #3abd0f97
 POLICIES = ("random", "greedy", "cem", "mppi")
 
 @torch.no_grad()
@@ -344,7 +375,7 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
     return {"policy": policy, "episodes": episodes, "seed": seed, "success": float(env.success().mean()),
             "distance": float(env.distances().mean())}
 
-# %% ../nbs/07_world_model.ipynb #e49149d2
+# %% ../nbs/07_world_model.ipynb #e2c5fa81
 REPLY = torch.ones(1)   # the single `reply` action
 
 def train_reply_transition(z_context: torch.Tensor, z_next: torch.Tensor, steps: int = 300, batch_size: int = 256,

@@ -54,6 +54,14 @@ def test_run_with_a_good_parameter_records_it(jepa_lab, cli_env, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 199
 
 
+def test_a_relative_out_folder_is_where_the_command_runs(jepa_lab, cli_env, scratch_nbs, tmp_path):
+    "The kernel runs in the notebook's folder: a relative --out must still name a folder under the caller's cwd."
+    res = cli(jepa_lab, cli_env, "run", scratch_nbs / "01_good.ipynb", "--out", "rel/good", cwd=tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((tmp_path / "rel" / "good" / "summary.json").read_text())["n_times_scale"] == 4.5
+    assert not (scratch_nbs / "rel").exists()
+
+
 def test_undeclared_parameter_is_refused_listing_declared_ones(jepa_lab, cli_env, tmp_path):
     res = cli(jepa_lab, cli_env, "run", "experiments/tiny_mlp", "-p", "step", "10")
     assert res.returncode == 2

@@ -6,9 +6,11 @@ from torch import nn
 
 from jepa_lab.core import load_checkpoint, save_checkpoint, seed_everything
 from jepa_lab.world import TwoRoomsConfig, two_rooms_trajectories
+from jepa_lab.world import render_two_rooms
 from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, WorldModel,
-                                  WorldModelConfig, WorldModelError, evaluate_reply, plan, rollout, run_episodes,
-                                  step_losses, teacher_forced, train_reply_transition, world_model_losses)
+                                  WorldModelConfig, WorldModelError, evaluate_reply, plan, render_two_rooms_torch, rollout,
+                                  run_episodes, step_losses, teacher_forced, train_reply_transition, two_rooms_batch,
+                                  world_model_losses)
 
 
 def position_latents(data: dict, embed: torch.Tensor) -> torch.Tensor:
@@ -133,3 +135,33 @@ def test_world_model_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path / "wm.safetensors", a, step=3, config={"latent_dim": 8})
     assert load_checkpoint(tmp_path / "wm.safetensors", b, restore_rng=False).step == 3
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_device_side_render_matches_the_numpy_renderer():
+    "two_rooms_batch renders with torch where the model lives; the frames must equal 02's numpy frames."
+    walks = two_rooms_trajectories(40, 17, seed=4)
+    host = render_two_rooms(walks["positions"], walks["wall_x"], walks["door_y"])
+    ours = render_two_rooms_torch(*(torch.from_numpy(walks[k]) for k in ("positions", "wall_x", "door_y"))).numpy()
+    assert ours.shape == host.shape and np.abs(ours - host).max() < 1e-5
+    assert np.abs(ours[:, :, 1] - host[:, :, 1]).max() == 0          # walls are exact 0/1 images
+    obs, actions = two_rooms_batch(walks, 8, 5, np.random.default_rng(1), torch.device("cpu"))
+    assert obs.shape == (8, 6, 2, 65, 65) and actions.shape == (8, 5, 2)
+    with pytest.raises(WorldModelError, match="positions must be"):
+        render_two_rooms_torch(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3))
+
+
+def test_final_ln_normalises_latents_and_every_prediction():
+    "final_ln=True: encoder latents and each predicted latent are layer-normed (mean 0, std 1 per row), the GRU included."
+    walks = two_rooms_trajectories(4, 17, seed=2)
+    obs, actions = two_rooms_batch(walks, 4, 5, np.random.default_rng(0), torch.device("cpu"))
+    for predictor in ("mlp", "gru"):
+        seed_everything(0)
+        model = WorldModel(WorldModelConfig(latent_dim=16, channels=(4, 4, 4), hidden=16, predictor=predictor, final_ln=True))
+        with torch.no_grad():
+            z = model.encoder(obs)                                                   # (4, 6, 16)
+            pred = rollout(model.transition, z[:, 0], actions)                       # (4, 5, 16)
+        for x in (z, pred):
+            assert x.mean(-1).abs().max() < 1e-5 and (x.std(-1, unbiased=False) - 1).abs().max() < 1e-3
+        plain = WorldModel(WorldModelConfig(latent_dim=16, channels=(4, 4, 4), hidden=16, predictor=predictor))
+        with torch.no_grad(): assert (plain.encoder(obs).std(-1, unbiased=False) - 1).abs().max() > 0.05
+
