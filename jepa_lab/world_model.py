@@ -361,7 +361,7 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
         else:
             with autocast(device, dtype):
                 z = encode(obs)
-                if policy == "greedy": action = greedy_actions(model.transition, z, z_goal)
+                if policy == "greedy": action = greedy_actions(model.transition, z, z_goal, max_norm=planner.max_norm)
                 else:
                     horizon = min(planner.horizon, env_config.max_steps - t)
                     if mean is not None and planner.warm_start:                 # shift the last plan by one step
