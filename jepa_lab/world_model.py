@@ -232,7 +232,8 @@ def two_rooms_batch(data: dict, batch_size: int, seq_len: int, generator: np.ran
     idx, off = generator.integers(0, n, batch_size), int(generator.integers(0, steps - seq_len + 1))
     pos, act = data["positions"][idx, off:off + seq_len + 1], data["actions"][idx, off:off + seq_len]
     to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
-    obs = render_two_rooms_torch(to_device(pos), to_device(data["wall_x"][idx]), to_device(data["door_y"][idx]))
+    if torch.device(device).type == "cpu": obs = to_device(render_two_rooms(pos, data["wall_x"][idx], data["door_y"][idx]))
+    else: obs = render_two_rooms_torch(to_device(pos), to_device(data["wall_x"][idx]), to_device(data["door_y"][idx]))
     return obs, to_device(act)
 
 def train_world_model(model: WorldModel, data: dict, run: Run, steps: int, batch_size: int = 16, seq_len: int = 8,
