@@ -788,6 +788,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'jepa_lab.world_model.render_two_rooms_torch': ( 'world_model.html#render_two_rooms_torch',
                                                                                        'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.rollout': ('world_model.html#rollout', 'jepa_lab/world_model.py'),
+                                      'jepa_lab.world_model.rollout_position_error': ( 'world_model.html#rollout_position_error',
+                                                                                       'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.run_episodes': ('world_model.html#run_episodes', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.step_losses': ('world_model.html#step_losses', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.teacher_forced': ('world_model.html#teacher_forced', 'jepa_lab/world_model.py'),

@@ -25,8 +25,9 @@ from .world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_traject
 __all__ = ['OBS_MEAN', 'OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError', 'LatentTransition', 'GRUTransition',
            'NormedTransition', 'rollout', 'teacher_forced', 'step_losses', 'ResidualBlock', 'ImpalaEncoder',
            'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses', 'render_two_rooms_torch',
-           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'nearest_positions', 'PlannerConfig', 'clip_norm',
-           'plan_cost', 'plan', 'greedy_actions', 'run_episodes', 'train_reply_transition', 'evaluate_reply']
+           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'nearest_positions', 'rollout_position_error',
+           'PlannerConfig', 'clip_norm', 'plan_cost', 'plan', 'greedy_actions', 'run_episodes',
+           'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -172,6 +173,8 @@ class WorldModelConfig:
     rollout: str = "autoregressive"   # prediction loss: autoregressive | teacher_forced
     freeze_encoder: bool = False  # True: the encoder stays at its random init; only the transition learns
     final_ln: bool = False        # LayerNorm on the encoder's latents and on every prediction (eb_jepa; the GRU needs it)
+    pred_steps: int = 0           # prediction loss over the window's first pred_steps actions; 0: all (eb_jepa: 8 of 16)
+    vc_pooled: bool = False       # variance/covariance over all B*(T+1) latents of a window (eb_jepa) instead of per step
 
 ABLATIONS = {"none": {}, "no_var": {"std_coeff": 0.0}, "no_cov": {"cov_coeff": 0.0},
              "no_sim": {"sim_coeff_t": 0.0}, "no_idm": {"idm_coeff": 0.0}}
@@ -193,12 +196,16 @@ class WorldModel(nn.Module):
 def world_model_losses(model: WorldModel, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
     "obs (B, T+1, C, S, S), actions (B, T, A) -> (total loss, unweighted terms)."
     c = model.config
+    if not 0 <= c.pred_steps <= actions.shape[1]:
+        raise WorldModelError(f"pred_steps={c.pred_steps} must be in 0..{actions.shape[1]} (the window's actions; 0 = all)")
     z = model.encoder(obs).float()                                               # (B, T+1, D)
-    pred = rollout(model.transition, z[:, 0], actions) if c.rollout == "autoregressive" else teacher_forced(model.transition, z, actions)
-    prediction = (pred.float() - z[:, 1:]).square().mean()
-    per_t = z.transpose(0, 1)                                                    # (T+1, B, D): statistics per time step
-    variance = torch.stack([_variance_term(x, 1.0, 1e-4) for x in per_t]).mean()
-    covariance = torch.stack([_covariance_term(x) for x in per_t]).mean() / (z.shape[-1] - 1)
+    P = c.pred_steps or actions.shape[1]                                         # steps the prediction loss covers
+    zp, ap = z[:, :P + 1], actions[:, :P]
+    pred = rollout(model.transition, zp[:, 0], ap) if c.rollout == "autoregressive" else teacher_forced(model.transition, zp, ap)
+    prediction = (pred.float() - zp[:, 1:]).square().mean()
+    groups = z.reshape(1, -1, z.shape[-1]) if c.vc_pooled else z.transpose(0, 1)  # (1, B*(T+1), D) or (T+1, B, D)
+    variance = torch.stack([_variance_term(x, 1.0, 1e-4) for x in groups]).mean()
+    covariance = torch.stack([_covariance_term(x) for x in groups]).mean() / (z.shape[-1] - 1)
     time_sim = (z[:, 1:] - z[:, :-1]).square().mean()
     idm = (model.idm(z[:, :-1], z[:, 1:]).float() - actions).square().mean()
     total = prediction + c.std_coeff * variance + c.cov_coeff * covariance + c.sim_coeff_t * time_sim + c.idm_coeff * idm
@@ -229,8 +236,9 @@ def two_rooms_batch(data: dict, batch_size: int, seq_len: int, generator: np.ran
     "Random windows of walks: observations (B, T+1, 2, S, S) and actions (B, T, 2) on `device`."
     n, steps = data["actions"].shape[:2]
     if not 1 <= seq_len <= steps: raise WorldModelError(f"seq_len must be in 1..{steps} (the walks' length), got {seq_len}")
-    idx, off = generator.integers(0, n, batch_size), int(generator.integers(0, steps - seq_len + 1))
-    pos, act = data["positions"][idx, off:off + seq_len + 1], data["actions"][idx, off:off + seq_len]
+    idx, off = generator.integers(0, n, batch_size), generator.integers(0, steps - seq_len + 1, batch_size)
+    t = off[:, None] + np.arange(seq_len + 1)                                    # (B, T+1) frame indices per walk
+    pos, act = data["positions"][idx[:, None], t], data["actions"][idx[:, None], t[:, :-1]]
     to_device = lambda x: torch.from_numpy(np.ascontiguousarray(x)).to(device, non_blocking=True)
     if torch.device(device).type == "cpu": obs = to_device(render_two_rooms(pos, data["wall_x"][idx], data["door_y"][idx]))
     else: obs = render_two_rooms_torch(to_device(pos), to_device(data["wall_x"][idx]), to_device(data["door_y"][idx]))
@@ -276,7 +284,27 @@ def nearest_positions(encoder: nn.Module, z: torch.Tensor, wall_x: int, door_y: 
     bank = torch.cat([encoder(frames[i:i + 1024]).float() for i in range(0, len(frames), 1024)])
     return grid[torch.cdist(z.float(), bank).argmin(1).cpu().numpy()]
 
-# %% ../nbs/07_world_model.ipynb #ab9711c8
+@torch.no_grad()
+def rollout_position_error(model: WorldModel, data: dict, ks: tuple = (1, 2, 4, 8, 16, 32, 60, 90), n: int = 12,
+                           device: torch.device = torch.device("cpu")) -> dict:
+    "Decoded-position error (px) of rollouts along the first `n` walks of `data` at each k, next to staying put and to decoding the true frames."
+    steps = data["actions"].shape[1]
+    if max(ks) > steps: raise WorldModelError(f"the walks have {steps} actions; ks reach {max(ks)}")
+    model.eval()
+    idx, rows = np.asarray(ks) - 1, []
+    for i in range(n):
+        wx, dy = int(data["wall_x"][i]), int(data["door_y"][i])
+        obs = torch.from_numpy(render_two_rooms(data["positions"][i:i + 1], data["wall_x"][i:i + 1], data["door_y"][i:i + 1])).to(device)
+        z = model.encoder(obs[0]).float()                                        # (steps+1, D)
+        imagined = rollout(model.transition, z[:1], torch.from_numpy(data["actions"][i:i + 1]).to(device))[0]
+        true = data["positions"][i]
+        rows.append([np.linalg.norm(nearest_positions(model.encoder, imagined[idx], wx, dy) - true[idx + 1], axis=1),
+                     np.linalg.norm(true[idx + 1] - true[0], axis=1),
+                     np.full(len(ks), np.linalg.norm(nearest_positions(model.encoder, z, wx, dy) - true, axis=1).mean())])
+    rollout_px, stay_px, encoder_px = np.array(rows).mean(0)
+    return {"k": list(ks), "rollout_px": rollout_px, "stay_px": stay_px, "encoder_px": float(encoder_px[0])}
+
+# %% ../nbs/07_world_model.ipynb #7cecfed8
 @dataclass
 class PlannerConfig:
     "CEM / MPPI settings (CPU defaults; eb_jepa: horizon 90, samples 200, iterations 20, elites 20)."
@@ -340,14 +368,16 @@ def greedy_actions(transition: nn.Module, z0: torch.Tensor, z_goal: torch.Tensor
     cost = plan_cost(transition, z0, z_goal, moves[None, :, None].expand(len(z0), -1, 1, -1))
     return moves[cost.argmin(1)]
 
-# %% ../nbs/07_world_model.ipynb #3abd0f97
+# %% ../nbs/07_world_model.ipynb #0e4ac0b7
 POLICIES = ("random", "greedy", "cem", "mppi")
 
 @torch.no_grad()
 def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int, planner: PlannerConfig = PlannerConfig(),
                  device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
-                 env_config: TwoRoomsConfig = TwoRoomsConfig(), show_progress: bool = False) -> dict:
+                 env_config: TwoRoomsConfig = TwoRoomsConfig(), show_progress: bool = False,
+                 plan_dtype: torch.dtype | None = None) -> dict:
     "Run `episodes` two-rooms episodes of `seed` together with `policy`; success rate and mean final distance (px)."
+    plan_dtype = dtype if plan_dtype is None else plan_dtype                   # precision of the imagined rollouts
     if policy not in POLICIES: raise WorldModelError(f"policy {policy!r}: choose one of {', '.join(POLICIES)}")
     env, rng = TwoRooms(env_config), np.random.default_rng(seed)
     obs = env.reset(episodes, seed)
@@ -360,8 +390,8 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
     for t in (progress(range(env_config.max_steps), desc=policy) if show_progress else range(env_config.max_steps)):
         if policy == "random": action = rng.uniform(-env_config.max_action, env_config.max_action, (episodes, 2))
         else:
-            with autocast(device, dtype):
-                z = encode(obs)
+            with autocast(device, dtype): z = encode(obs)
+            with autocast(device, plan_dtype):
                 if policy == "greedy": action = greedy_actions(model.transition, z, z_goal, max_norm=planner.max_norm)
                 else:
                     horizon = min(planner.horizon, env_config.max_steps - t)
@@ -376,7 +406,7 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
     return {"policy": policy, "episodes": episodes, "seed": seed, "success": float(env.success().mean()),
             "distance": float(env.distances().mean())}
 
-# %% ../nbs/07_world_model.ipynb #e2c5fa81
+# %% ../nbs/07_world_model.ipynb #d53f12fa
 REPLY = torch.ones(1)   # the single `reply` action
 
 def train_reply_transition(z_context: torch.Tensor, z_next: torch.Tensor, steps: int = 300, batch_size: int = 256,

@@ -10,7 +10,7 @@ from jepa_lab.world import render_two_rooms
 from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, WorldModel,
                                   WorldModelConfig, WorldModelError, evaluate_reply, plan, render_two_rooms_torch, rollout,
                                   run_episodes, step_losses, teacher_forced, train_reply_transition, two_rooms_batch,
-                                  world_model_losses)
+                                  rollout_position_error, world_model_losses)
 
 
 def position_latents(data: dict, embed: torch.Tensor) -> torch.Tensor:
@@ -165,3 +165,69 @@ def test_final_ln_normalises_latents_and_every_prediction():
         plain = WorldModel(WorldModelConfig(latent_dim=16, channels=(4, 4, 4), hidden=16, predictor=predictor))
         with torch.no_grad(): assert (plain.encoder(obs).std(-1, unbiased=False) - 1).abs().max() > 0.05
 
+
+
+def test_each_window_is_cut_at_its_own_offset():
+    "two_rooms_batch: every window is a contiguous piece of one walk (frames and actions aligned), offsets differ."
+    walks = two_rooms_trajectories(6, 40, seed=3)
+    obs, actions = two_rooms_batch(walks, 32, 5, np.random.default_rng(2), torch.device("cpu"))
+    offsets = set()
+    for b in range(32):
+        match = np.argwhere((walks["actions"][:, :, None] == actions[b, 0].numpy()).all(-1)[..., 0])   # (walk, offset)
+        assert len(match) == 1
+        i, off = match[0]
+        offsets.add(int(off))
+        assert np.array_equal(actions[b].numpy(), walks["actions"][i, off:off + 5])
+        frames = render_two_rooms(walks["positions"][i:i + 1, off:off + 6], walks["wall_x"][i:i + 1], walks["door_y"][i:i + 1])[0]
+        assert np.abs(obs[b].numpy() - frames).max() < 1e-6
+    assert len(offsets) > 5                                                          # not one offset for the whole batch
+
+
+class _FixedLatents(torch.nn.Module):
+    "Stands in for the encoder: returns the given latents whatever it is shown."
+    def __init__(self, z): super().__init__(); self.z = z
+    def forward(self, obs): return self.z
+
+
+def test_pred_steps_limits_the_prediction_loss_to_the_first_actions():
+    walks = two_rooms_trajectories(4, 17, seed=1)
+    obs, actions = two_rooms_batch(walks, 4, 6, np.random.default_rng(0), torch.device("cpu"))
+    seed_everything(0)
+    model = WorldModel(WorldModelConfig(latent_dim=8, channels=(4, 4, 4), hidden=16, pred_steps=2))
+    z = torch.randn(4, 7, 8)
+    model.encoder = _FixedLatents(z)
+    _, terms = world_model_losses(model, obs, actions)
+    with torch.no_grad(): expected = (rollout(model.transition, z[:, 0], actions[:, :2]) - z[:, 1:3]).square().mean()
+    assert torch.allclose(terms["prediction"], expected)
+    model.config = WorldModelConfig(latent_dim=8, pred_steps=0)                      # 0: the whole window
+    _, terms = world_model_losses(model, obs, actions)
+    with torch.no_grad(): expected = (rollout(model.transition, z[:, 0], actions) - z[:, 1:]).square().mean()
+    assert torch.allclose(terms["prediction"], expected)
+    model.config = WorldModelConfig(latent_dim=8, pred_steps=7)
+    with pytest.raises(WorldModelError, match="pred_steps=7 must be in 0..6"):
+        world_model_losses(model, obs, actions)
+
+
+def test_pooled_variance_counts_the_spread_over_time():
+    "vc_pooled: latents identical across the batch but moving in time have no per-step spread, a pooled spread of ~1."
+    walks = two_rooms_trajectories(8, 17, seed=1)
+    obs, actions = two_rooms_batch(walks, 8, 4, np.random.default_rng(0), torch.device("cpu"))
+    z = torch.linspace(-1.7, 1.7, 5)[None, :, None].expand(8, 5, 16).clone()        # (B, T+1, D): varies over t only
+    terms = {}
+    for pooled in (False, True):
+        model = WorldModel(WorldModelConfig(latent_dim=16, channels=(4, 4, 4), hidden=16, vc_pooled=pooled))
+        model.encoder = _FixedLatents(z)
+        terms[pooled] = world_model_losses(model, obs, actions)[1]["variance"]
+    assert terms[False] > 0.95 and terms[True] < 0.1
+
+
+def test_rollout_position_error_of_copy_last_is_staying_put():
+    "An untrained residual transition is copy-last: its rollout decodes where the walk started, so its error is the walk's own displacement."
+    seed_everything(0)
+    model = WorldModel(WorldModelConfig(latent_dim=32, hidden=16))          # LatentTransition starts as exactly copy-last
+    walks = two_rooms_trajectories(3, 20, seed=5)
+    drift = rollout_position_error(model, walks, ks=(1, 5, 20), n=3)
+    assert drift["k"] == [1, 5, 20] and drift["stay_px"][-1] > 3                 # the walks do move away
+    assert np.abs(drift["rollout_px"] - drift["stay_px"]).max() <= drift["encoder_px"]       # within the decoder's own error
+    with pytest.raises(WorldModelError, match="20 actions; ks reach 30"):
+        rollout_position_error(model, walks, ks=(1, 30), n=1)
