@@ -63,25 +63,30 @@ class LatentTransition(nn.Module):
         return z + self.f(torch.cat([z, a.to(z.dtype)], -1))
 
 class GRUTransition(nn.Module):
-    "z_{t+1} = GRUCell(a_t, z_t): eb_jepa's recurrent predictor, the latent as hidden state, the action as input."
-    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 64):
+    "z_{t+1} = GRUCell(a_t, z_t): eb_jepa's recurrent predictor, the latent as hidden state, the action (embedded, or raw) as input."
+    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 64, raw_action: bool = False):
         super().__init__()
         self.latent_dim, self.action_dim = latent_dim, action_dim
-        self.embed = nn.Sequential(nn.Linear(action_dim, hidden), nn.GELU())
-        self.cell = nn.GRUCell(hidden, latent_dim)
+        self.embed = nn.Identity() if raw_action else nn.Sequential(nn.Linear(action_dim, hidden), nn.GELU())
+        self.cell = nn.GRUCell(action_dim if raw_action else hidden, latent_dim)
 
     def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         _check_za(z, a, self.latent_dim, self.action_dim)
         return self.cell(self.embed(a.to(z.dtype)), z)
 
 class NormedTransition(nn.Module):
-    "LayerNorm(f(z, a)): eb_jepa's `final_ln` on every prediction, so predictions live where a layer-normed encoder puts latents."
-    def __init__(self, inner: nn.Module):
+    """LayerNorm(f(z, a)): eb_jepa's `final_ln` on every prediction, so predictions live where a layer-normed encoder puts latents.
+    `shared_norm`: use the encoder's own LayerNorm (eb_jepa passes it to its predictor); it stays registered, and saved, once."""
+    def __init__(self, inner: nn.Module, shared_norm: nn.LayerNorm | None = None):
         super().__init__()
-        self.inner, self.norm = inner, nn.LayerNorm(inner.latent_dim)
+        self.inner = inner
+        if shared_norm is None: self.norm = nn.LayerNorm(inner.latent_dim)
+        else: self._shared = (shared_norm,)            # a tuple hides it from nn.Module: no second copy in state_dict
         self.latent_dim, self.action_dim = inner.latent_dim, inner.action_dim
 
-    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor: return self.norm(self.inner(z, a))
+    def forward(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        norm = self._shared[0] if hasattr(self, "_shared") else self.norm
+        return norm(self.inner(z, a))
 
 # %% ../nbs/07_world_model.ipynb #e9994c2a
 def _check_rollout(z0: torch.Tensor, actions: torch.Tensor):
@@ -116,23 +121,26 @@ def step_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 OBS_MEAN, OBS_STD = (0.0025, 0.099), (0.035, 0.30)    # per-channel pixel statistics of two-rooms walks (checked below)
 
 class ResidualBlock(nn.Module):
-    "x + conv(relu(conv(relu(x)))) — IMPALA's residual block."
-    def __init__(self, channels: int):
+    "x + conv(relu(conv(relu(x)))) — IMPALA's residual block; `post_activation`: relu(x + conv(relu(conv(x)))) (eb_jepa's)."
+    def __init__(self, channels: int, post_activation: bool = False):
         super().__init__()
         self.conv1, self.conv2 = nn.Conv2d(channels, channels, 3, padding=1), nn.Conv2d(channels, channels, 3, padding=1)
-    def forward(self, x): return x + self.conv2(F.relu(self.conv1(F.relu(x))))
+        self.post_activation = post_activation
+    def forward(self, x):
+        if self.post_activation: return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+        return x + self.conv2(F.relu(self.conv1(F.relu(x))))
 
 class ImpalaEncoder(nn.Module):
     "Observations (..., C, S, S) -> latents (..., latent_dim): normalise, [conv, max-pool, residual blocks] per stage, linear."
     def __init__(self, latent_dim: int = 64, channels: tuple = (16, 32, 32), blocks: int = 0, stem_stride: int = 4,
-                 in_channels: int = 2, img_size: int = 65, final_ln: bool = False):
+                 in_channels: int = 2, img_size: int = 65, final_ln: bool = False, post_activation: bool = False):
         super().__init__()
         layers, c_in, s = [], in_channels, img_size
         for i, c in enumerate(channels):
             k = 2 * stem_stride + 1 if i == 0 and stem_stride > 1 else 3
             stride = stem_stride if i == 0 else 1
             layers += [nn.Conv2d(c_in, c, k, stride=stride, padding=k // 2), nn.MaxPool2d(3, 2, padding=1)]
-            layers += [ResidualBlock(c) for _ in range(blocks)]
+            layers += [ResidualBlock(c, post_activation) for _ in range(blocks)]
             s = ((s - 1) // stride + 1 + 1) // 2
             c_in = c
         self.features = nn.Sequential(*layers, nn.ReLU(), nn.Flatten())
@@ -150,10 +158,12 @@ class ImpalaEncoder(nn.Module):
         return self.norm(self.head(self.features(x))).reshape(*lead, self.latent_dim)
 
 class InverseDynamics(nn.Module):
-    "g(z_t, z_{t+1}) -> a_t: the inverse-dynamics head that keeps the agent in the latent."
-    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 128):
+    "g(z_t, z_{t+1}) -> a_t: the inverse-dynamics head that keeps the agent in the latent (eb_jepa: hidden 256, depth 2, ReLU)."
+    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 128, depth: int = 1, act: type = nn.GELU):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(2 * latent_dim, hidden), nn.GELU(), nn.Linear(hidden, action_dim))
+        layers, width = [], 2 * latent_dim
+        for _ in range(depth): layers += [nn.Linear(width, hidden), act()]; width = hidden
+        self.net = nn.Sequential(*layers, nn.Linear(width, action_dim))
     def forward(self, z, z_next): return self.net(torch.cat([z, z_next], -1))
 
 # %% ../nbs/07_world_model.ipynb #4a6cbcfd
@@ -175,6 +185,8 @@ class WorldModelConfig:
     final_ln: bool = False        # LayerNorm on the encoder's latents and on every prediction (eb_jepa; the GRU needs it)
     pred_steps: int = 0           # prediction loss over the window's first pred_steps actions; 0: all (eb_jepa: 8 of 16)
     vc_pooled: bool = False       # variance/covariance over all B*(T+1) latents of a window (eb_jepa) instead of per step
+    arch: str = "lab"             # lab | eb_jepa: post-activation residual blocks, a GRU fed the raw action, the encoder's
+                                  # LayerNorm shared with the predictor (needs final_ln), a 2 x 256 ReLU inverse-dynamics head
 
 ABLATIONS = {"none": {}, "no_var": {"std_coeff": 0.0}, "no_cov": {"cov_coeff": 0.0},
              "no_sim": {"sim_coeff_t": 0.0}, "no_idm": {"idm_coeff": 0.0}}
@@ -186,11 +198,14 @@ class WorldModel(nn.Module):
         c = self.config = config
         if c.predictor not in ("mlp", "gru"): raise WorldModelError(f"predictor {c.predictor!r}: choose mlp or gru")
         if c.rollout not in ("autoregressive", "teacher_forced"): raise WorldModelError(f"rollout {c.rollout!r}: choose autoregressive or teacher_forced")
-        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride, final_ln=c.final_ln)
+        if c.arch not in ("lab", "eb_jepa"): raise WorldModelError(f"arch {c.arch!r}: choose lab or eb_jepa")
+        eb = c.arch == "eb_jepa"
+        if eb and not c.final_ln: raise WorldModelError("arch='eb_jepa' shares the encoder's LayerNorm with the predictor: set final_ln=True")
+        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride, final_ln=c.final_ln, post_activation=eb)
         transition = (LatentTransition(c.latent_dim, action_dim, c.hidden) if c.predictor == "mlp"
-                      else GRUTransition(c.latent_dim, action_dim, c.hidden))
-        self.transition = NormedTransition(transition) if c.final_ln else transition
-        self.idm = InverseDynamics(c.latent_dim, action_dim)
+                      else GRUTransition(c.latent_dim, action_dim, c.hidden, raw_action=eb))
+        self.transition = NormedTransition(transition, self.encoder.norm if eb else None) if c.final_ln else transition
+        self.idm = InverseDynamics(c.latent_dim, action_dim, *((256, 2, nn.ReLU) if eb else (128, 1, nn.GELU)))
         if c.freeze_encoder: self.encoder.requires_grad_(False)
 
 def world_model_losses(model: WorldModel, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:

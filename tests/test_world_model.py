@@ -231,3 +231,22 @@ def test_rollout_position_error_of_copy_last_is_staying_put():
     assert np.abs(drift["rollout_px"] - drift["stay_px"]).max() <= drift["encoder_px"]       # within the decoder's own error
     with pytest.raises(WorldModelError, match="20 actions; ks reach 30"):
         rollout_position_error(model, walks, ks=(1, 30), n=1)
+
+
+def test_eb_jepa_arch_shares_the_layernorm_and_saves_it_once(tmp_path):
+    "arch='eb_jepa': the predictor normalises with the encoder's own LayerNorm, the GRU reads the raw action, IDM is 2 x 256."
+    seed_everything(0)
+    config = WorldModelConfig(latent_dim=16, channels=(4, 4, 4), blocks=1, predictor="gru", final_ln=True, arch="eb_jepa")
+    a, b = WorldModel(config), WorldModel(config)
+    assert a.transition._shared[0] is a.encoder.norm and not any(k.startswith("transition.norm") for k in a.state_dict())
+    assert a.transition.inner.cell.input_size == 2
+    assert [m.out_features for m in a.idm.net if isinstance(m, nn.Linear)] == [256, 256, 2]
+    with torch.no_grad(): a.encoder.norm.weight.mul_(0.5)                         # move the shared weights off their init
+    save_checkpoint(tmp_path / "eb.safetensors", a, step=1)
+    load_checkpoint(tmp_path / "eb.safetensors", b, restore_rng=False)
+    z, act = torch.randn(3, 16), torch.randn(3, 2)
+    with torch.no_grad(): assert torch.equal(a.transition(z, act), b.transition(z, act))
+    with pytest.raises(WorldModelError, match="set final_ln=True"):
+        WorldModel(WorldModelConfig(latent_dim=16, arch="eb_jepa"))
+    with pytest.raises(WorldModelError, match="arch 'big'"):
+        WorldModel(WorldModelConfig(latent_dim=16, arch="big"))
