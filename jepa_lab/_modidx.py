@@ -785,6 +785,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                   'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.plan': ('world_model.html#plan', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.plan_cost': ('world_model.html#plan_cost', 'jepa_lab/world_model.py'),
+                                      'jepa_lab.world_model.position_bank': ('world_model.html#position_bank', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.render_two_rooms_torch': ( 'world_model.html#render_two_rooms_torch',
                                                                                        'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.rollout': ('world_model.html#rollout', 'jepa_lab/world_model.py'),

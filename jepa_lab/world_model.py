@@ -25,9 +25,9 @@ from .world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_traject
 __all__ = ['OBS_MEAN', 'OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError', 'LatentTransition', 'GRUTransition',
            'NormedTransition', 'rollout', 'teacher_forced', 'step_losses', 'ResidualBlock', 'ImpalaEncoder',
            'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses', 'render_two_rooms_torch',
-           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'nearest_positions', 'rollout_position_error',
-           'PlannerConfig', 'clip_norm', 'plan_cost', 'plan', 'greedy_actions', 'run_episodes',
-           'train_reply_transition', 'evaluate_reply']
+           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'position_bank', 'nearest_positions',
+           'rollout_position_error', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan', 'greedy_actions',
+           'run_episodes', 'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -291,20 +291,26 @@ def kstep_errors(model: WorldModel, data: dict, k_max: int = 8, n: int = 256, de
 
 # %% ../nbs/07_world_model.ipynb #0896f353
 @torch.no_grad()
-def nearest_positions(encoder: nn.Module, z: torch.Tensor, wall_x: int, door_y: int, step: float = 1.0) -> np.ndarray:
-    "Decode latents z (N, D) of one layout to positions (N, 2): the grid position whose encoded frame is nearest."
+def position_bank(encoder: nn.Module, wall_x: int, door_y: int, step: float = 1.0, device=torch.device("cpu")):
+    "The agent at every grid position of one layout: positions (G, 2) and their latents (G, D)."
     lo, hi = TwoRoomsConfig().box
     grid = np.stack(np.meshgrid(np.arange(lo + 1, hi, step), np.arange(lo + 1, hi, step)), -1).reshape(-1, 2)
-    frames = torch.from_numpy(render_two_rooms(grid, np.full(len(grid), wall_x), np.full(len(grid), door_y))).to(z.device)
-    bank = torch.cat([encoder(frames[i:i + 1024]).float() for i in range(0, len(frames), 1024)])
-    return grid[torch.cdist(z.float(), bank).argmin(1).cpu().numpy()]
+    frames = torch.from_numpy(render_two_rooms(grid, np.full(len(grid), wall_x), np.full(len(grid), door_y))).to(device)
+    return grid, torch.cat([encoder(frames[i:i + 1024]).float() for i in range(0, len(frames), 1024)])
+
+@torch.no_grad()
+def nearest_positions(encoder: nn.Module, z: torch.Tensor, wall_x: int, door_y: int, step: float = 1.0, bank=None) -> np.ndarray:
+    "Decode latents z (N, D) of one layout to positions (N, 2): the grid position whose encoded frame is nearest."
+    grid, latents = bank if bank is not None else position_bank(encoder, wall_x, door_y, step, z.device)
+    return grid[torch.cdist(z.float(), latents).argmin(1).cpu().numpy()]
 
 @torch.no_grad()
 def rollout_position_error(model: WorldModel, data: dict, ks: tuple = (1, 2, 4, 8, 16, 32, 60, 90), n: int = 12,
                            device: torch.device = torch.device("cpu")) -> dict:
     "Decoded-position error (px) of rollouts along the first `n` walks of `data` at each k, next to staying put and to decoding the true frames."
-    steps = data["actions"].shape[1]
+    walks, steps = data["actions"].shape[:2]
     if max(ks) > steps: raise WorldModelError(f"the walks have {steps} actions; ks reach {max(ks)}")
+    if not 1 <= n <= walks: raise WorldModelError(f"n={n}: choose 1..{walks} (the walks given)")
     model.eval()
     idx, rows = np.asarray(ks) - 1, []
     for i in range(n):
@@ -312,10 +318,10 @@ def rollout_position_error(model: WorldModel, data: dict, ks: tuple = (1, 2, 4, 
         obs = torch.from_numpy(render_two_rooms(data["positions"][i:i + 1], data["wall_x"][i:i + 1], data["door_y"][i:i + 1])).to(device)
         z = model.encoder(obs[0]).float()                                        # (steps+1, D)
         imagined = rollout(model.transition, z[:1], torch.from_numpy(data["actions"][i:i + 1]).to(device))[0]
-        true = data["positions"][i]
-        rows.append([np.linalg.norm(nearest_positions(model.encoder, imagined[idx], wx, dy) - true[idx + 1], axis=1),
+        true, bank = data["positions"][i], position_bank(model.encoder, wx, dy, device=device)   # one bank per layout
+        rows.append([np.linalg.norm(nearest_positions(model.encoder, imagined[idx], wx, dy, bank=bank) - true[idx + 1], axis=1),
                      np.linalg.norm(true[idx + 1] - true[0], axis=1),
-                     np.full(len(ks), np.linalg.norm(nearest_positions(model.encoder, z, wx, dy) - true, axis=1).mean())])
+                     np.full(len(ks), np.linalg.norm(nearest_positions(model.encoder, z, wx, dy, bank=bank) - true, axis=1).mean())])
     rollout_px, stay_px, encoder_px = np.array(rows).mean(0)
     return {"k": list(ks), "rollout_px": rollout_px, "stay_px": stay_px, "encoder_px": float(encoder_px[0])}
 

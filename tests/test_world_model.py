@@ -231,6 +231,8 @@ def test_rollout_position_error_of_copy_last_is_staying_put():
     assert np.abs(drift["rollout_px"] - drift["stay_px"]).max() <= drift["encoder_px"]       # within the decoder's own error
     with pytest.raises(WorldModelError, match="20 actions; ks reach 30"):
         rollout_position_error(model, walks, ks=(1, 30), n=1)
+    with pytest.raises(WorldModelError, match="n=4: choose 1..3"):
+        rollout_position_error(model, walks, ks=(1,), n=4)
 
 
 def test_eb_jepa_arch_shares_the_layernorm_and_saves_it_once(tmp_path):
