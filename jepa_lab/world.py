@@ -22,8 +22,8 @@ __all__ = ['ACTIONS', 'DIRECTIONS', 'COLOURS', 'SHAPES', 'SIZES', 'FREE', 'WALL'
            'sprite_masks', 'render_background', 'render_lab', 'Observation', 'describe_scene', 'LabWorld',
            'empty_lab_state', 'shortest_path', 'random_policy', 'ScriptedPolicy', 'lab_trajectories', 'sample_frames',
            'lab_stepper', 'benchmark_lab_world', 'TwoRoomsError', 'TwoRoomsConfig', 'render_walls', 'render_dots',
-           'render_two_rooms', 'blocked_moves', 'move_agents', 'sample_layouts', 'sample_start_goal', 'TwoRooms',
-           'solid_wall', 'two_rooms_trajectories', 'two_rooms_trajectories_naive', 'benchmark_two_rooms']
+           'render_two_rooms', 'blocked_moves', 'move_agents', 'contact_moves', 'sample_layouts', 'sample_start_goal',
+           'TwoRooms', 'solid_wall', 'two_rooms_trajectories', 'two_rooms_trajectories_naive', 'benchmark_two_rooms']
 
 # %% ../nbs/02_world.ipynb #8d283c22
 ACTIONS = ("move_north", "move_south", "move_east", "move_west", "push", "pick_up", "drop", "open_door")
@@ -496,7 +496,7 @@ class TwoRoomsConfig:
     door_space: int = 4            # the door spans door_y ± door_space
     wall_padding: int = 20         # wall_x in [wall_padding, img_size - wall_padding)
     door_padding: int = 10         # door_y in [door_padding, img_size - door_padding)
-    max_action: float = 2.45       # each action component is clipped to ± max_action
+    max_action: float = 2.45       # env_rule 'lab': each action component is clipped to ± max_action
     max_steps: int = 200           # steps per episode
     success_radius: float = 4.5
     action_angle_noise: float = 0.2  # von Mises concentration = 1 / this
@@ -505,6 +505,9 @@ class TwoRoomsConfig:
     action_lower_bd: float = 0.2
     action_upper_bd: float = 1.8
     cross_wall_rate: float = 0.35    # share of random walks routed through the door
+    env_rule: str = "eb_jepa"        # how TwoRooms.step moves: eb_jepa (DotWall: unclipped actions, a blocked step stops
+                                     # at the wall, pushed off by noise) | lab (actions clipped to ± max_action, a blocked
+                                     # step keeps the agent in place, like the random walks of the data set)
 
     @property
     def box(self) -> tuple[int, int]: return self.border_wall_loc - 1, self.img_size - self.border_wall_loc
@@ -569,6 +572,44 @@ def move_agents(positions, actions, wall_x, door_y, config: TwoRoomsConfig = Two
     target = positions + actions
     return np.where(blocked_moves(positions, target, wall_x, door_y, config)[:, None], positions, target)
 
+# %% ../nbs/02_world.ipynb #c0a7e1d3
+def contact_moves(positions, actions, wall_x, door_y, rng: np.random.Generator | None = None,
+                  config: TwoRoomsConfig = TwoRoomsConfig()) -> np.ndarray:
+    """(B, 2) next positions under eb_jepa's DotWall rule: a step that crosses a wall face, a door edge or the border stops
+    at the crossing point, pushed off it by |N(0, 0.5)| (noise only with `rng`) and kept 0.3 px inside its room."""
+    p0 = np.asarray(positions, np.float64); p1 = p0 + np.asarray(actions, np.float64)
+    x0, y0, x1, y1 = p0[:, 0], p0[:, 1], p1[:, 0], p1[:, 1]
+    wall_x, door_y = np.asarray(wall_x, np.float64), np.asarray(door_y, np.float64)
+    half, (lo, hi) = config.wall_width // 2, map(float, config.box)
+    lw, rw, db, dt = wall_x - half, wall_x + half, door_y - config.door_space, door_y + config.door_space
+    n = rng.normal(0, 0.5, (len(p0), 2)) if rng is not None else np.zeros((len(p0), 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x_at = lambda y: np.where(y1 != y0, x0 + (y - y0) * (x1 - x0) / (y1 - y0), x0)    # where the step meets row y
+        y_at = lambda x: np.where(x1 != x0, y0 + (x - x0) * (y1 - y0) / (x1 - x0), y0)    # ... and column x
+        # 1. out of the doorway through its top or bottom edge
+        up = (y1 > y0) & (y1 > dt) & (y0 < dt) & (lw <= x_at(dt)) & (x_at(dt) <= rw)
+        down = ~up & (y1 < y0) & (y1 < db) & (y0 > db) & (lw <= x_at(db)) & (x_at(db) <= rw)
+        edge = np.stack([np.where(up, x_at(dt), x_at(db)) + n[:, 0], np.where(up, dt - abs(n[:, 1]), db + abs(n[:, 1]))], 1)
+        # 2. the faces around the agent's room: the border, and the wall's face that holds the door
+        left_room = wall_x > x0
+        L, R = np.where(left_room, lo, rw), np.where(left_room, lw, hi)                  # (B,) the room's x-limits
+        crosses = lambda a, b, f: np.sign(a - f) * np.sign(b - f) <= 0.1
+        off_door = lambda y: (y < db) | (y > dt)
+        hit_L = crosses(x0, x1, L) & (left_room | off_door(y_at(L)))
+        hit_R = ~hit_L & crosses(x0, x1, R) & (~left_room | off_door(y_at(R)))
+        hit_T = crosses(y0, y1, lo); hit_B = ~hit_T & crosses(y0, y1, hi)
+        face_x, face_y = np.where(hit_L, L, R), np.where(hit_T, lo, hi)
+        vx, vy, hx, hy = face_x, y_at(face_x), x_at(face_y), face_y                        # the two candidate contacts
+        use_v = (hit_L | hit_R) & (~(hit_T | hit_B) | ((x0 - vx) ** 2 + (y0 - vy) ** 2 < (x0 - hx) ** 2 + (y0 - hy) ** 2))
+        use_h = (hit_T | hit_B) & ~use_v                                                   # the nearer one stops the step
+    nx = np.where(use_v, abs(n[:, 0]) * np.sign(x0 - face_x), n[:, 0])
+    ny = np.where(use_h, abs(n[:, 1]) * np.sign(y0 - face_y), n[:, 1])
+    px = np.clip(np.where(use_v, vx, hx) + nx, L, R); py = np.clip(np.where(use_v, vy, hy) + ny, lo, hi)
+    px = np.where(px <= L, L + 0.3, np.where(px >= R, R - 0.3, px)); py = np.where(py <= lo, lo + 0.3, np.where(py >= hi, hi - 0.3, py))
+    out = np.where((use_v | use_h)[:, None], np.stack([px, py], 1), p1)
+    return np.where((up | down)[:, None], edge, out)
+
+
 # %% ../nbs/02_world.ipynb #3ed52f32
 def sample_layouts(n: int, rng: np.random.Generator, config: TwoRoomsConfig = TwoRoomsConfig()):
     "(wall_x, door_y), each (n,) int64, uniform over eb_jepa's layouts."
@@ -594,6 +635,7 @@ def sample_start_goal(wall_x, door_y, rng: np.random.Generator, config: TwoRooms
 class TwoRooms:
     "Batched two-rooms navigation: reset(n, seed) -> (n, 2, 65, 65) float32; step((n, 2)) -> (obs, done)."
     def __init__(self, config: TwoRoomsConfig = TwoRoomsConfig()):
+        if config.env_rule not in ("eb_jepa", "lab"): raise TwoRoomsError(f"env_rule {config.env_rule!r}: choose eb_jepa or lab")
         self.config = config
         self.positions = self.goals = self.wall_x = self.door_y = None
         self.t = 0
@@ -605,6 +647,7 @@ class TwoRooms:
         self.wall_x, self.door_y = sample_layouts(n, rng, self.config)
         self.positions, self.goals = sample_start_goal(self.wall_x, self.door_y, rng, self.config)
         self._walls = render_walls(self.wall_x, self.door_y, self.config)
+        self._noise = np.random.default_rng([seed, 1])                         # the contact rule's push-off noise
         self.t = 0
         return self.observe()
 
@@ -624,7 +667,7 @@ class TwoRooms:
         return self.observe(self.goals)
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray]:
-        "Clip actions (n, 2) to ± max_action, move; returns (observations, done (n,) bool)."
+        "Move by actions (n, 2) under `config.env_rule`; returns (observations, done (n,) bool)."
         if self.positions is None: raise TwoRoomsError("step() before reset(): call reset(n, seed) first")
         try: a = np.asarray(actions, dtype=np.float64)
         except (TypeError, ValueError) as e: raise TwoRoomsError(f"actions must be numbers, shape (n, 2): {e}") from None
@@ -633,8 +676,11 @@ class TwoRooms:
         if not np.isfinite(a).all(): raise TwoRoomsError("actions contain NaN or inf")
         if self.t >= self.config.max_steps:
             raise TwoRoomsError(f"the {self.config.max_steps}-step budget is spent: call reset(n, seed) for new episodes")
-        a = np.clip(a, -self.config.max_action, self.config.max_action)
-        self.positions = move_agents(self.positions, a, self.wall_x, self.door_y, self.config)
+        if self.config.env_rule == "eb_jepa":
+            self.positions = contact_moves(self.positions, a, self.wall_x, self.door_y, self._noise, self.config)
+        else:
+            a = np.clip(a, -self.config.max_action, self.config.max_action)
+            self.positions = move_agents(self.positions, a, self.wall_x, self.door_y, self.config)
         self.t += 1
         return self.observe(), np.full(self.n, self.t >= self.config.max_steps)
 

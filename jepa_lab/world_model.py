@@ -22,12 +22,12 @@ from .losses import _covariance_term, _variance_term
 from .world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_trajectories
 
 # %% auto #0
-__all__ = ['OBS_MEAN', 'OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError', 'LatentTransition', 'GRUTransition',
-           'NormedTransition', 'rollout', 'teacher_forced', 'step_losses', 'ResidualBlock', 'ImpalaEncoder',
-           'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses', 'render_two_rooms_torch',
-           'two_rooms_batch', 'train_world_model', 'kstep_errors', 'position_bank', 'nearest_positions',
-           'rollout_position_error', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan', 'greedy_actions',
-           'run_episodes', 'train_reply_transition', 'evaluate_reply']
+__all__ = ['OBS_MEAN', 'OBS_STD', 'EB_OBS_MEAN', 'EB_OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError',
+           'LatentTransition', 'GRUTransition', 'NormedTransition', 'rollout', 'teacher_forced', 'step_losses',
+           'ResidualBlock', 'ImpalaEncoder', 'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses',
+           'render_two_rooms_torch', 'two_rooms_batch', 'train_world_model', 'kstep_errors', 'position_bank',
+           'nearest_positions', 'rollout_position_error', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan',
+           'greedy_actions', 'run_episodes', 'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -119,6 +119,7 @@ def step_losses(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/07_world_model.ipynb #6c021e48
 OBS_MEAN, OBS_STD = (0.0025, 0.099), (0.035, 0.30)    # per-channel pixel statistics of two-rooms walks (checked below)
+EB_OBS_MEAN, EB_OBS_STD = (0.0026, 0.0989), (0.0369, 0.2986)   # eb_jepa's Normalizer (after its min-max scaling)
 
 class ResidualBlock(nn.Module):
     "x + conv(relu(conv(relu(x)))) — IMPALA's residual block; `post_activation`: relu(x + conv(relu(conv(x)))) (eb_jepa's)."
@@ -133,7 +134,8 @@ class ResidualBlock(nn.Module):
 class ImpalaEncoder(nn.Module):
     "Observations (..., C, S, S) -> latents (..., latent_dim): normalise, [conv, max-pool, residual blocks] per stage, linear."
     def __init__(self, latent_dim: int = 64, channels: tuple = (16, 32, 32), blocks: int = 0, stem_stride: int = 4,
-                 in_channels: int = 2, img_size: int = 65, final_ln: bool = False, post_activation: bool = False):
+                 in_channels: int = 2, img_size: int = 65, final_ln: bool = False, post_activation: bool = False,
+                 minmax: bool = False):
         super().__init__()
         layers, c_in, s = [], in_channels, img_size
         for i, c in enumerate(channels):
@@ -147,23 +149,32 @@ class ImpalaEncoder(nn.Module):
         self.head = nn.Linear(c_in * s * s, latent_dim)
         self.norm = nn.LayerNorm(latent_dim) if final_ln else nn.Identity()    # eb_jepa: final_ln=True
         self.latent_dim, self.in_shape = latent_dim, (in_channels, img_size, img_size)
-        self.register_buffer("obs_mean", torch.tensor(OBS_MEAN[:in_channels])[:, None, None], persistent=False)
-        self.register_buffer("obs_std", torch.tensor(OBS_STD[:in_channels])[:, None, None], persistent=False)
+        mean, std = (EB_OBS_MEAN, EB_OBS_STD) if minmax else (OBS_MEAN, OBS_STD)
+        self.minmax = minmax                                                    # eb_jepa: scale each frame's channel to [0, 1] first
+        self.register_buffer("obs_mean", torch.tensor(mean[:in_channels])[:, None, None], persistent=False)
+        self.register_buffer("obs_std", torch.tensor(std[:in_channels])[:, None, None] + (1e-6 if minmax else 0), persistent=False)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if tuple(obs.shape[-3:]) != self.in_shape:
             raise WorldModelError(f"observations must be (..., {', '.join(map(str, self.in_shape))}), got {tuple(obs.shape)}")
         lead = obs.shape[:-3]
+        if self.minmax:
+            low = obs.amin((-2, -1), keepdim=True)
+            obs = (obs - low) / ((obs - low).amax((-2, -1), keepdim=True) + 1e-6)
         x = ((obs - self.obs_mean) / self.obs_std).reshape(-1, *self.in_shape)
         return self.norm(self.head(self.features(x))).reshape(*lead, self.latent_dim)
 
 class InverseDynamics(nn.Module):
     "g(z_t, z_{t+1}) -> a_t: the inverse-dynamics head that keeps the agent in the latent (eb_jepa: hidden 256, depth 2, ReLU)."
-    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 128, depth: int = 1, act: type = nn.GELU):
+    def __init__(self, latent_dim: int, action_dim: int, hidden: int = 128, depth: int = 1, act: type = nn.GELU,
+                 init_std: float | None = None):
         super().__init__()
         layers, width = [], 2 * latent_dim
         for _ in range(depth): layers += [nn.Linear(width, hidden), act()]; width = hidden
         self.net = nn.Sequential(*layers, nn.Linear(width, action_dim))
+        if init_std is not None:                                                # eb_jepa: truncated normal, zero bias
+            for m in self.net:
+                if isinstance(m, nn.Linear): nn.init.trunc_normal_(m.weight, std=init_std); nn.init.zeros_(m.bias)
     def forward(self, z, z_next): return self.net(torch.cat([z, z_next], -1))
 
 # %% ../nbs/07_world_model.ipynb #4a6cbcfd
@@ -186,7 +197,8 @@ class WorldModelConfig:
     pred_steps: int = 0           # prediction loss over the window's first pred_steps actions; 0: all (eb_jepa: 8 of 16)
     vc_pooled: bool = False       # variance/covariance over all B*(T+1) latents of a window (eb_jepa) instead of per step
     arch: str = "lab"             # lab | eb_jepa: post-activation residual blocks, a GRU fed the raw action, the encoder's
-                                  # LayerNorm shared with the predictor (needs final_ln), a 2 x 256 ReLU inverse-dynamics head
+                                  # LayerNorm shared with the predictor (needs final_ln), a 2 x 256 inverse-dynamics head,
+                                  # and its recipe: min-max input scaling, AdamW betas (0.9, 0.999), per-module clipping
 
 ABLATIONS = {"none": {}, "no_var": {"std_coeff": 0.0}, "no_cov": {"cov_coeff": 0.0},
              "no_sim": {"sim_coeff_t": 0.0}, "no_idm": {"idm_coeff": 0.0}}
@@ -201,11 +213,12 @@ class WorldModel(nn.Module):
         if c.arch not in ("lab", "eb_jepa"): raise WorldModelError(f"arch {c.arch!r}: choose lab or eb_jepa")
         eb = c.arch == "eb_jepa"
         if eb and not c.final_ln: raise WorldModelError("arch='eb_jepa' shares the encoder's LayerNorm with the predictor: set final_ln=True")
-        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride, final_ln=c.final_ln, post_activation=eb)
+        self.encoder = ImpalaEncoder(c.latent_dim, tuple(c.channels), c.blocks, c.stem_stride, final_ln=c.final_ln,
+                                     post_activation=eb, minmax=eb)
         transition = (LatentTransition(c.latent_dim, action_dim, c.hidden) if c.predictor == "mlp"
                       else GRUTransition(c.latent_dim, action_dim, c.hidden, raw_action=eb))
         self.transition = NormedTransition(transition, self.encoder.norm if eb else None) if c.final_ln else transition
-        self.idm = InverseDynamics(c.latent_dim, action_dim, *((256, 2, nn.ReLU) if eb else (128, 1, nn.GELU)))
+        self.idm = InverseDynamics(c.latent_dim, action_dim, *((256, 2, nn.ReLU, 0.02) if eb else (128, 1, nn.GELU)))
         if c.freeze_encoder: self.encoder.requires_grad_(False)
 
 def world_model_losses(model: WorldModel, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -264,15 +277,19 @@ def train_world_model(model: WorldModel, data: dict, run: Run, steps: int, batch
                       dtype: torch.dtype = torch.float32, seed: int = 0, log_every: int = 25, ckpt_every: int = 500,
                       desc: str = "world model") -> int:
     "Train encoder + transition + inverse dynamics on two-rooms walks with `core.train_loop`; returns the start step."
-    opt = adamw(model, lr, 1e-5, device)
+    eb = model.config.arch == "eb_jepa"
+    if eb: opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-5)
+    else: opt = adamw(model, lr, 1e-5, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
     trainable = [p for p in model.parameters() if p.requires_grad]
+    clip_groups = ([[p for p in m.parameters() if p.requires_grad] for m in (model.encoder, model.transition)] if eb
+                   else [trainable])                                          # eb_jepa: encoder, predictor apart; IDM free
     def train_step(step: int) -> dict:
         model.train()
         obs, actions = two_rooms_batch(data, batch_size, seq_len, np.random.default_rng([seed, step]), device)
         with autocast(device, dtype): loss, terms = world_model_losses(model, obs, actions)
         opt.zero_grad(set_to_none=True); loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 2.0)
+        grad_norm = sum(torch.nn.utils.clip_grad_norm_(g, 2.0) for g in clip_groups if g)
         opt.step(); sched.step()
         return {"loss": loss.detach(), **terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
     return train_loop(train_step, model=model, optimizer=opt, scheduler=sched, steps=steps, run=run, log_every=log_every,
@@ -328,20 +345,24 @@ def rollout_position_error(model: WorldModel, data: dict, ks: tuple = (1, 2, 4, 
 # %% ../nbs/07_world_model.ipynb #7cecfed8
 @dataclass
 class PlannerConfig:
-    "CEM / MPPI settings (CPU defaults; eb_jepa: horizon 90, samples 200, iterations 20, elites 20)."
+    "CEM / MPPI settings (CPU defaults; eb_jepa: horizon 90, samples 200, iterations 20, elites 20, style eb_jepa)."
     horizon: int = 16
     samples: int = 32
     iterations: int = 3
     elites: int = 8
     init_std: float = 2.0
-    temperature: float = 0.5     # MPPI: λ = temperature × (worst elite cost − best)
-    max_norm: float = 2.45       # each action's norm is clipped to this (eb_jepa planning max_norms)
-    warm_start: bool = True      # start each replanning from the previous plan shifted by one step
+    temperature: float = 0.5     # lab MPPI: λ = temperature × (worst elite cost − best)
+    max_norm: float = 2.45       # each action's norm is clipped to this (eb_jepa: CEM only)
+    warm_start: bool = True      # lab: start each replanning from the previous plan shifted by one step
+    style: str = "lab"           # lab | eb_jepa (its planning.py: cold start; MPPI unclipped, weights exp(eb_temperature ×
+                                 # (best − cost)), executes one elite drawn by weight; CEM clipped, plain mean, unbiased std)
+    eb_temperature: float = 0.005
 
     def __post_init__(self):
         if self.horizon < 1: raise WorldModelError(f"PlannerConfig.horizon must be >= 1, got {self.horizon}")
         if not 1 <= self.elites <= self.samples or self.iterations < 1:
             raise WorldModelError(f"PlannerConfig: need 1 <= elites ({self.elites}) <= samples ({self.samples}) and iterations >= 1")
+        if self.style not in ("lab", "eb_jepa"): raise WorldModelError(f"PlannerConfig.style {self.style!r}: choose lab or eb_jepa")
 
 def clip_norm(actions: torch.Tensor, max_norm: float) -> torch.Tensor:
     "Scale each action (..., A) down to norm <= max_norm."
@@ -356,29 +377,40 @@ def plan_cost(transition: nn.Module, z0: torch.Tensor, z_goal: torch.Tensor, act
     distance = (imagined - z_goal.float().repeat_interleave(S, 0)[:, None]).square().mean(-1)
     return distance.sum(-1).reshape(E, S)
 
+def _refit(kind: str, elite: torch.Tensor, elite_cost: torch.Tensor, config: PlannerConfig):
+    "Weights (E, K), mean and std (E, H, A) of the elites (E, K, H, A), in the planner's style."
+    eb, K = config.style == "eb_jepa", elite.shape[1]
+    if kind == "cem": weight = torch.full_like(elite_cost, 1 / K)
+    elif eb: weight = torch.softmax(config.eb_temperature * (elite_cost[:, :1] - elite_cost), 1)
+    else:
+        spread = (elite_cost[:, -1:] - elite_cost[:, :1]).clamp_min(1e-8)
+        weight = torch.softmax(-(elite_cost - elite_cost[:, :1]) / (config.temperature * spread), 1)
+    mean = (weight[..., None, None] * elite).sum(1)
+    var = (weight[..., None, None] * (elite - mean[:, None]).square()).sum(1)
+    if eb and kind == "cem": var = var * K / max(K - 1, 1)                       # torch.std: unbiased
+    return weight, mean, (var.sqrt() if eb else var.sqrt().clamp_min(0.05))
+
 @torch.no_grad()
 def plan(kind: str, transition: nn.Module, z0: torch.Tensor, z_goal: torch.Tensor, config: PlannerConfig,
          mean: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     "CEM or MPPI over action sequences for every episode at once: z0, z_goal (E, D) -> plans (E, H, 2)."
     if kind not in ("cem", "mppi"): raise WorldModelError(f"planner {kind!r}: choose cem or mppi")
     _check_finite(z0, "z0"); _check_finite(z_goal, "z_goal")
-    E, H, A, dev = len(z0), config.horizon, 2, z0.device
-    mean = torch.zeros(E, H, A, device=dev) if mean is None else mean
+    E, H, A, dev, eb = len(z0), config.horizon, 2, z0.device, config.style == "eb_jepa"
+    mean = torch.zeros(E, H, A, device=dev) if mean is None or eb else mean
     std = torch.full((E, H, A), config.init_std, device=dev)
     for _ in range(config.iterations):
-        noise = torch.randn(E, config.samples, H, A, device=dev, generator=generator)
-        actions = clip_norm(mean[:, None] + std[:, None] * noise, config.max_norm)   # (E, S, H, A)
-        actions[:, 0] = clip_norm(mean, config.max_norm)                          # the current mean competes too
+        actions = mean[:, None] + std[:, None] * torch.randn(E, config.samples, H, A, device=dev, generator=generator)
+        if not (eb and kind == "mppi"): actions = clip_norm(actions, config.max_norm)   # (E, S, H, A)
+        if not eb: actions[:, 0] = clip_norm(mean, config.max_norm)                # the current mean competes too
         cost = plan_cost(transition, z0, z_goal, actions)                         # (E, S)
         elite_cost, idx = cost.topk(config.elites, dim=1, largest=False)          # (E, K)
         elite = actions.gather(1, idx[..., None, None].expand(-1, -1, H, A))      # (E, K, H, A)
-        if kind == "cem": weight = torch.full_like(elite_cost, 1 / config.elites)
-        else:
-            spread = (elite_cost[:, -1:] - elite_cost[:, :1]).clamp_min(1e-8)
-            weight = torch.softmax(-(elite_cost - elite_cost[:, :1]) / (config.temperature * spread), 1)
-        mean = (weight[..., None, None] * elite).sum(1)
-        std = (weight[..., None, None] * (elite - mean[:, None]).square()).sum(1).sqrt().clamp_min(0.05)
-    return clip_norm(mean, config.max_norm)
+        weight, mean, std = _refit(kind, elite, elite_cost, config)
+    if eb and kind == "mppi":                                                     # one elite, drawn by its weight
+        pick = torch.multinomial(weight.float(), 1, generator=generator)[:, 0]
+        return elite[torch.arange(E, device=dev), pick]
+    return mean if eb else clip_norm(mean, config.max_norm)
 
 @torch.no_grad()
 def greedy_actions(transition: nn.Module, z0: torch.Tensor, z_goal: torch.Tensor, directions: int = 32,
@@ -416,7 +448,7 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
                 if policy == "greedy": action = greedy_actions(model.transition, z, z_goal, max_norm=planner.max_norm)
                 else:
                     horizon = min(planner.horizon, env_config.max_steps - t)
-                    if mean is not None and planner.warm_start:                 # shift the last plan by one step
+                    if mean is not None and planner.warm_start and planner.style == "lab":                 # shift the last plan by one step
                         mean = torch.cat([mean[:, 1:], torch.zeros_like(mean[:, :1])], 1)[:, :horizon]
                     else: mean = None
                     config = PlannerConfig(**{**asdict(planner), "horizon": horizon})

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from jepa_lab.world import (ACTIONS, CLOSED_DOOR, OPEN_DOOR, WALL, LabConfig, LabObject, LabWorld, LabWorldError,
-                            Triplet, TwoRooms, TwoRoomsConfig, TwoRoomsError, blocked_moves, empty_lab_state,
+                            Triplet, TwoRooms, TwoRoomsConfig, TwoRoomsError, blocked_moves, contact_moves, empty_lab_state,
                             lab_trajectories, make_lab_state, render_two_rooms, render_walls, sample_frames,
                             solid_wall, two_rooms_trajectories, two_rooms_trajectories_naive)
 
@@ -205,8 +205,8 @@ def test_reset_is_deterministic_by_seed():
     assert not np.allclose(a.positions, c.positions)
 
 
-def test_actions_are_clipped_to_2_45():
-    env = TwoRooms()
+def test_lab_rule_clips_actions_to_2_45():
+    env = TwoRooms(TwoRoomsConfig(env_rule="lab"))
     env.reset(3, seed=0)
     env.wall_x[:] = 44; env.door_y[:] = 30                                 # wall far to the right
     env.positions = np.array([[20.0, 30.0], [20.0, 30.0], [20.0, 30.0]])
@@ -363,3 +363,37 @@ def test_random_walks_follow_the_reference_statistics():
     assert crossed > (side0[:, :1] * side0 < 0).any(1).mean() + 0.1
     assert (render_walls(d["wall_x"][:3], d["door_y"][:3]) == np.stack([reference_walls(w, y) for w, y in
                                                                          zip(d["wall_x"][:3], d["door_y"][:3])])).all()
+
+
+def test_eb_jepa_rule_does_not_clip_and_stops_steps_at_the_wall():
+    env = TwoRooms()                                                       # eb_jepa's DotWall rule is the default
+    env.reset(4, seed=0)
+    env.wall_x[:] = 30; env.door_y[:] = 20                                 # wall x in [29, 31], door y in [16, 24]
+    env.positions = np.array([[10.0, 40.0], [25.0, 40.0], [25.0, 20.0], [30.0, 20.0]])
+    env.step(np.array([[6.0, -5.0], [10.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    p = env.positions
+    assert np.allclose(p[0], [16.0, 35.0])                                 # a free step of norm 7.8: not clipped
+    assert 28.0 < p[1, 0] < 29.0 and abs(p[1, 1] - 40.0) < 2.5            # into the wall: stops at its face, pushed back
+    assert np.allclose(p[2], [35.0, 20.0])                                 # through the door
+    assert 19.0 < p[3, 1] < 24.0                                           # up out of the doorway: stops at its top edge
+
+
+def test_contact_moves_without_noise_on_hand_made_steps():
+    wall_x, door_y = np.array([30.0]), np.array([20.0])
+    cases = {((25, 40), (10, 0)): (28.7, 40.0), ((25, 20), (10, 0)): (35.0, 20.0), ((30, 20), (0, 10)): (30.0, 24.0),
+             ((30, 20), (0, -10)): (30.0, 16.0), ((10, 10), (-10, 0)): (4.3, 10.0), ((10, 10), (0, -10)): (10.0, 4.3),
+             ((40, 40), (-10, 0)): (31.3, 40.0), ((10, 10), (3, 4)): (13.0, 14.0)}
+    for (p0, a), expected in cases.items():
+        got = contact_moves(np.array([p0], float), np.array([a], float), wall_x, door_y)[0]
+        assert np.allclose(got, expected), (p0, a, got)
+
+
+def test_env_rule_is_checked_and_the_contact_noise_is_seeded():
+    with pytest.raises(TwoRoomsError, match="env_rule"):
+        TwoRooms(TwoRoomsConfig(env_rule="bounce"))
+    runs = []
+    for _ in range(2):
+        env = TwoRooms(); env.reset(50, seed=3)
+        for _ in range(30): env.step(np.full((50, 2), 2.0))                 # many steps into walls: noise matters
+        runs.append(env.positions.copy())
+    assert np.array_equal(runs[0], runs[1])

@@ -252,3 +252,46 @@ def test_eb_jepa_arch_shares_the_layernorm_and_saves_it_once(tmp_path):
         WorldModel(WorldModelConfig(latent_dim=16, arch="eb_jepa"))
     with pytest.raises(WorldModelError, match="arch 'big'"):
         WorldModel(WorldModelConfig(latent_dim=16, arch="big"))
+
+
+class Shift(nn.Module):
+    "z' = z + a in 2-d: a perfect model of walking with no walls."
+    latent_dim, action_dim = 2, 2
+    def forward(self, z, a): return z + a
+
+
+@pytest.mark.parametrize("kind", ["mppi", "cem"])
+def test_eb_jepa_style_planners_head_for_the_goal(kind):
+    z0, goal = torch.zeros(6, 2), torch.tensor([[30.0, 0.0], [0, 30], [-30, 0], [0, -30], [20, 20], [-20, 20]])
+    g = torch.Generator().manual_seed(0)
+    plans = plan(kind, Shift(), z0, goal, PlannerConfig(horizon=12, samples=64, iterations=10, elites=8, style="eb_jepa"), generator=g)
+    miss = (plans.sum(1) - goal).norm(dim=1)                               # where the plan ends, from the goal 28-30 away
+    first = plans[:, 0]
+    cosine = (first * goal).sum(1) / (first.norm(dim=1) * goal.norm(dim=1))
+    assert (miss < 8).all() and (cosine > 0.5).all(), (miss, cosine)      # it gets there, and sets off the right way
+
+
+def test_eb_jepa_mppi_executes_an_unclipped_elite_and_starts_cold():
+    z0, goal = torch.zeros(4, 2), torch.full((4, 2), 200.0)                # far away: long steps pay
+    config = PlannerConfig(horizon=10, samples=64, iterations=4, elites=8, style="eb_jepa")
+    eb = plan("mppi", Shift(), z0, goal, config, generator=torch.Generator().manual_seed(1))
+    assert eb.norm(dim=-1).max() > 2.45 + 0.5                              # eb_jepa's MPPI does not clip
+    lab = plan("mppi", Shift(), z0, goal, PlannerConfig(10, 64, 4, 8), generator=torch.Generator().manual_seed(1))
+    assert lab.norm(dim=-1).max() <= 2.45 + 1e-5                           # the lab's style does
+    warm = torch.full((4, 10, 2), -2.0)                                    # a bad warm start is ignored (cold start) ...
+    again = plan("mppi", Shift(), z0, goal, config, mean=warm, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(eb, again)
+    with pytest.raises(WorldModelError, match="style"):
+        PlannerConfig(style="fancy")
+
+
+def test_eb_jepa_arch_scales_each_frame_like_its_normalizer():
+    config = WorldModelConfig(latent_dim=8, final_ln=True, predictor="gru", arch="eb_jepa")
+    enc = WorldModel(config).encoder.eval()
+    data = two_rooms_trajectories(4, 2, seed=3)
+    obs = torch.from_numpy(render_two_rooms(data["positions"], data["wall_x"], data["door_y"])).reshape(-1, 2, 65, 65)
+    dim = obs.clone(); dim[:, 0] *= 0.5                                    # a fainter dot: min-max scaling undoes it
+    with torch.no_grad():
+        assert torch.allclose(enc(obs), enc(dim), atol=1e-4)
+        lab = WorldModel(WorldModelConfig(latent_dim=8)).encoder.eval()
+        assert not torch.allclose(lab(obs), lab(dim), atol=1e-4)
