@@ -19,7 +19,8 @@ from torch import nn
 from .core import Run, autocast, progress, train_loop
 from .jepa import adamw, alignment, candidate_set, cosine_scores, retrieval_metrics, warmup_cosine
 from .losses import _covariance_term, _variance_term
-from .world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_trajectories
+from .world import (TwoRooms, TwoRoomsConfig, contact_moves, move_agents, render_two_rooms,
+                            two_rooms_trajectories)
 
 # %% auto #0
 __all__ = ['OBS_MEAN', 'OBS_STD', 'EB_OBS_MEAN', 'EB_OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError',
@@ -27,7 +28,7 @@ __all__ = ['OBS_MEAN', 'OBS_STD', 'EB_OBS_MEAN', 'EB_OBS_STD', 'ABLATIONS', 'POL
            'ResidualBlock', 'ImpalaEncoder', 'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses',
            'render_two_rooms_torch', 'two_rooms_batch', 'train_world_model', 'kstep_errors', 'position_bank',
            'nearest_positions', 'rollout_position_error', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan',
-           'greedy_actions', 'run_episodes', 'train_reply_transition', 'evaluate_reply']
+           'greedy_actions', 'run_episodes', 'PositionOracle', 'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -458,6 +459,41 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
         obs, _ = env.step(action)
     return {"policy": policy, "episodes": episodes, "seed": seed, "success": float(env.success().mean()),
             "distance": float(env.distances().mean())}
+
+# %% ../nbs/07_world_model.ipynb #f3a9c2e2
+class PositionOracle(nn.Module):
+    "A perfect two-rooms model for diagnosing planning: latents (x, y, wall_x, door_y) read off frames, exact moves."
+    def __init__(self, env_config: TwoRoomsConfig = TwoRoomsConfig()):
+        super().__init__()
+        self.env_config, self.latent_dim, self.action_dim = env_config, 4, 2
+        self.encoder, self.transition = self._encode, self._move            # the interface run_episodes uses
+
+    def _encode(self, obs: torch.Tensor) -> torch.Tensor:
+        "(B, 2, S, S) -> (B, 4): the dot's centroid, the wall's middle column, the door's middle row."
+        dot, wall = obs[:, 0].double(), obs[:, 1] > 0.5
+        pix = torch.arange(obs.shape[-1], dtype=torch.float64, device=obs.device)
+        mass = dot.sum((1, 2))
+        x, y = (dot.sum(1) * pix).sum(1) / mass, (dot.sum(2) * pix).sum(1) / mass
+        lo, hi = self.env_config.box
+        inner = wall[:, lo + 1:hi, lo + 1:hi]                                    # the border left out
+        cols = inner.any(1).double()                                              # (B, S') the wall's columns
+        wall_x = (cols * pix[lo + 1:hi]).sum(1) / cols.sum(1)
+        column = (inner.double() * cols[:, None]).sum(2) / cols.sum(1)[:, None]  # (B, S') 1 where the wall is solid
+        gap = (column < 0.5).double()                                             # the door's rows
+        door_y = (gap * pix[lo + 1:hi]).sum(1) / gap.sum(1)
+        return torch.stack([x, y, wall_x, door_y], 1).float()
+
+    def _move(self, z: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        "(B, 4), (B, 2) -> (B, 4): the environment's step (no noise)."
+        _check_za(z, a, 4, 2)
+        p, w, act = (t.detach().double().cpu().numpy() for t in (z[:, :2], z[:, 2:], a))
+        if self.env_config.env_rule == "eb_jepa": nxt = contact_moves(p, act, w[:, 0], w[:, 1], None, self.env_config)
+        else:
+            act = np.clip(act, -self.env_config.max_action, self.env_config.max_action)
+            nxt = move_agents(p, act, w[:, 0], w[:, 1], self.env_config)
+        return torch.cat([torch.from_numpy(nxt).to(z), z[:, 2:]], 1)
+
+
 
 # %% ../nbs/07_world_model.ipynb #d53f12fa
 REPLY = torch.ones(1)   # the single `reply` action

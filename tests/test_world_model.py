@@ -295,3 +295,19 @@ def test_eb_jepa_arch_scales_each_frame_like_its_normalizer():
         assert torch.allclose(enc(obs), enc(dim), atol=1e-4)
         lab = WorldModel(WorldModelConfig(latent_dim=8)).encoder.eval()
         assert not torch.allclose(lab(obs), lab(dim), atol=1e-4)
+
+
+def test_position_oracle_reads_frames_exactly_and_plans_to_the_goal(one_thread):
+    from jepa_lab.world import TwoRooms
+    from jepa_lab.world_model import PositionOracle
+    env = TwoRooms(); obs = env.reset(200, seed=7)
+    z = PositionOracle()._encode(torch.from_numpy(obs))
+    assert np.abs(z[:, :2].double().numpy() - env.positions).max() < 1e-3              # the agent's position
+    assert (z[:, 2].numpy() == env.wall_x).all() and (z[:, 3].numpy() == env.door_y).all()   # the layout
+    oracle = PositionOracle()
+    step = oracle.transition(torch.tensor([[25.0, 40.0, 30.0, 20.0]]), torch.tensor([[10.0, 0.0]]))
+    assert torch.allclose(step, torch.tensor([[28.7, 40.0, 30.0, 20.0]]))              # the environment's contact rule
+    small = PlannerConfig(horizon=32, samples=32, iterations=3, style="eb_jepa")
+    done = run_episodes("mppi", oracle, 12, seed=100, planner=small)
+    random = run_episodes("random", None, 12, seed=100)
+    assert done["success"] >= 0.5 and random["success"] == 0, (done, random)          # a perfect model finds the door
