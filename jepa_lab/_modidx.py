@@ -792,6 +792,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'jepa_lab.world_model.kstep_errors': ('world_model.html#kstep_errors', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.nearest_positions': ( 'world_model.html#nearest_positions',
                                                                                   'jepa_lab/world_model.py'),
+                                      'jepa_lab.world_model.optimizer_and_clip_groups': ( 'world_model.html#optimizer_and_clip_groups',
+                                                                                          'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.plan': ('world_model.html#plan', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.plan_cost': ('world_model.html#plan_cost', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.position_bank': ('world_model.html#position_bank', 'jepa_lab/world_model.py'),

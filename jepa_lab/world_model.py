@@ -26,9 +26,10 @@ from .world import (TwoRooms, TwoRoomsConfig, contact_moves, move_agents, render
 __all__ = ['OBS_MEAN', 'OBS_STD', 'EB_OBS_MEAN', 'EB_OBS_STD', 'ABLATIONS', 'POLICIES', 'REPLY', 'WorldModelError',
            'LatentTransition', 'GRUTransition', 'NormedTransition', 'rollout', 'teacher_forced', 'step_losses',
            'ResidualBlock', 'ImpalaEncoder', 'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses',
-           'render_two_rooms_torch', 'two_rooms_batch', 'train_world_model', 'kstep_errors', 'position_bank',
-           'nearest_positions', 'rollout_position_error', 'PlannerConfig', 'clip_norm', 'plan_cost', 'plan',
-           'greedy_actions', 'run_episodes', 'PositionOracle', 'train_reply_transition', 'evaluate_reply']
+           'render_two_rooms_torch', 'two_rooms_batch', 'optimizer_and_clip_groups', 'train_world_model',
+           'kstep_errors', 'position_bank', 'nearest_positions', 'rollout_position_error', 'PlannerConfig', 'clip_norm',
+           'plan_cost', 'plan', 'greedy_actions', 'run_episodes', 'PositionOracle', 'train_reply_transition',
+           'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -273,24 +274,27 @@ def two_rooms_batch(data: dict, batch_size: int, seq_len: int, generator: np.ran
     else: obs = render_two_rooms_torch(to_device(pos), to_device(data["wall_x"][idx]), to_device(data["door_y"][idx]))
     return obs, to_device(act)
 
+def optimizer_and_clip_groups(model: WorldModel, lr: float, device: torch.device | None = None):
+    """AdamW and the parameter groups whose gradient norms are clipped to 2. Lab: matrices decay, betas (0.9, 0.95), one
+    group. arch='eb_jepa' (its train.py): decay on all, default betas, encoder and predictor clipped apart, IDM unclipped."""
+    trainable = lambda m: [p for p in m.parameters() if p.requires_grad]
+    if model.config.arch != "eb_jepa": return adamw(model, lr, 1e-5, device), [trainable(model)]
+    return (torch.optim.AdamW(trainable(model), lr=lr, weight_decay=1e-5),
+            [g for g in (trainable(model.encoder), trainable(model.transition)) if g])
+
 def train_world_model(model: WorldModel, data: dict, run: Run, steps: int, batch_size: int = 16, seq_len: int = 8,
                       lr: float = 1e-3, warmup: int = 50, device: torch.device = torch.device("cpu"),
                       dtype: torch.dtype = torch.float32, seed: int = 0, log_every: int = 25, ckpt_every: int = 500,
                       desc: str = "world model") -> int:
     "Train encoder + transition + inverse dynamics on two-rooms walks with `core.train_loop`; returns the start step."
-    eb = model.config.arch == "eb_jepa"
-    if eb: opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-5)
-    else: opt = adamw(model, lr, 1e-5, device)
+    opt, clip_groups = optimizer_and_clip_groups(model, lr, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, steps, min(warmup, steps)))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    clip_groups = ([[p for p in m.parameters() if p.requires_grad] for m in (model.encoder, model.transition)] if eb
-                   else [trainable])                                          # eb_jepa: encoder, predictor apart; IDM free
     def train_step(step: int) -> dict:
         model.train()
         obs, actions = two_rooms_batch(data, batch_size, seq_len, np.random.default_rng([seed, step]), device)
         with autocast(device, dtype): loss, terms = world_model_losses(model, obs, actions)
         opt.zero_grad(set_to_none=True); loss.backward()
-        grad_norm = sum(torch.nn.utils.clip_grad_norm_(g, 2.0) for g in clip_groups if g)
+        grad_norm = sum(torch.nn.utils.clip_grad_norm_(g, 2.0) for g in clip_groups)   # eb_jepa: the two norms summed
         opt.step(); sched.step()
         return {"loss": loss.detach(), **terms, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0]}
     return train_loop(train_step, model=model, optimizer=opt, scheduler=sched, steps=steps, run=run, log_every=log_every,
@@ -449,7 +453,7 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
                 if policy == "greedy": action = greedy_actions(model.transition, z, z_goal, max_norm=planner.max_norm)
                 else:
                     horizon = min(planner.horizon, env_config.max_steps - t)
-                    if mean is not None and planner.warm_start and planner.style == "lab":                 # shift the last plan by one step
+                    if mean is not None and planner.warm_start and planner.style == "lab":   # shift the last plan
                         mean = torch.cat([mean[:, 1:], torch.zeros_like(mean[:, :1])], 1)[:, :horizon]
                     else: mean = None
                     config = PlannerConfig(**{**asdict(planner), "horizon": horizon})

@@ -52,14 +52,11 @@ def test_transition_beats_copy_last_at_k1_and_k4(one_thread, walks_and_transitio
 
 
 class PositionEncoder(nn.Module):
-    "The agent's position read off the dot channel (an exact centroid), embedded like the training latents."
+    "The agent's position read off the dot channel (PositionOracle's exact centroid), embedded like the training latents."
     def __init__(self, embed): super().__init__(); self.embed = embed
     def forward(self, obs):
-        dot = obs[:, 0].double()                                                    # (B, S, S)
-        pix = torch.arange(dot.shape[-1], dtype=torch.float64)
-        mass = dot.sum((1, 2))
-        xy = torch.stack([(dot.sum(1) * pix).sum(1) / mass, (dot.sum(2) * pix).sum(1) / mass], 1)
-        return (xy / 64.0 @ self.embed.double()).float()
+        from jepa_lab.world_model import PositionOracle
+        return ((PositionOracle()._encode(obs)[:, :2].double() / 64.0) @ self.embed.double()).float()
 
 
 def test_planning_beats_random_actions(one_thread, walks_and_transition):
@@ -311,3 +308,17 @@ def test_position_oracle_reads_frames_exactly_and_plans_to_the_goal(one_thread):
     done = run_episodes("mppi", oracle, 12, seed=100, planner=small)
     random = run_episodes("random", None, 12, seed=100)
     assert done["success"] >= 0.5 and random["success"] == 0, (done, random)          # a perfect model finds the door
+
+
+def test_eb_jepa_recipe_clips_encoder_and_predictor_apart_and_leaves_the_idm_free():
+    from jepa_lab.world_model import optimizer_and_clip_groups
+    eb = WorldModel(WorldModelConfig(latent_dim=8, final_ln=True, predictor="gru", arch="eb_jepa"))
+    opt, groups = optimizer_and_clip_groups(eb, 1e-3)
+    ids = lambda m: {id(p) for p in m.parameters()}
+    assert [{id(p) for p in g} for g in groups] == [ids(eb.encoder), ids(eb.transition)]
+    assert not ids(eb.idm) & set().union(*({id(p) for p in g} for g in groups))       # the IDM is never clipped
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999) and all(g["weight_decay"] == 1e-5 for g in opt.param_groups)
+    lab = WorldModel(WorldModelConfig(latent_dim=8))
+    opt, groups = optimizer_and_clip_groups(lab, 1e-3)
+    assert len(groups) == 1 and {id(p) for p in groups[0]} == ids(lab)                # one clip over everything
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
