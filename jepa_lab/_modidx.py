@@ -786,6 +786,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'jepa_lab.world_model._check_rollout': ('world_model.html#_check_rollout', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model._check_za': ('world_model.html#_check_za', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model._refit': ('world_model.html#_refit', 'jepa_lab/world_model.py'),
+                                      'jepa_lab.world_model.benchmark_planning': ( 'world_model.html#benchmark_planning',
+                                                                                   'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.clip_norm': ('world_model.html#clip_norm', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.evaluate_reply': ('world_model.html#evaluate_reply', 'jepa_lab/world_model.py'),
                                       'jepa_lab.world_model.greedy_actions': ('world_model.html#greedy_actions', 'jepa_lab/world_model.py'),

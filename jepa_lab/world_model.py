@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Run, autocast, progress, train_loop
+from .core import Run, autocast, progress, torch_threads, train_loop
 from .jepa import adamw, alignment, candidate_set, cosine_scores, retrieval_metrics, warmup_cosine
 from .losses import _covariance_term, _variance_term
 from .world import (TwoRooms, TwoRoomsConfig, contact_moves, move_agents, render_two_rooms,
@@ -28,8 +28,8 @@ __all__ = ['OBS_MEAN', 'OBS_STD', 'EB_OBS_MEAN', 'EB_OBS_STD', 'ABLATIONS', 'POL
            'ResidualBlock', 'ImpalaEncoder', 'InverseDynamics', 'WorldModelConfig', 'WorldModel', 'world_model_losses',
            'render_two_rooms_torch', 'two_rooms_batch', 'optimizer_and_clip_groups', 'train_world_model',
            'kstep_errors', 'position_bank', 'nearest_positions', 'rollout_position_error', 'PlannerConfig', 'clip_norm',
-           'plan_cost', 'plan', 'greedy_actions', 'run_episodes', 'PositionOracle', 'train_reply_transition',
-           'evaluate_reply']
+           'plan_cost', 'plan', 'greedy_actions', 'run_episodes', 'benchmark_planning', 'PositionOracle',
+           'train_reply_transition', 'evaluate_reply']
 
 # %% ../nbs/07_world_model.ipynb #5fa174ba
 class WorldModelError(ValueError):
@@ -463,6 +463,30 @@ def run_episodes(policy: str, model: WorldModel | None, episodes: int, seed: int
         obs, _ = env.step(action)
     return {"policy": policy, "episodes": episodes, "seed": seed, "success": float(env.success().mean()),
             "distance": float(env.distances().mean())}
+
+# %% ../nbs/07_world_model.ipynb #b7e1c0a2
+def benchmark_planning(model: WorldModel | None = None, episodes: int = 32, planner: PlannerConfig = PlannerConfig(),
+                       policy: str = "mppi", seed: int = 1000, env_config: TwoRoomsConfig = TwoRoomsConfig(),
+                       device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                       threads: int | None = 1) -> dict:
+    """Seconds per episode: `episodes` planned together (`run_episodes`) vs one at a time (eb_jepa's loop), same model,
+    planner and episode length (the single episodes use seeds seed, seed + 1, ...); prints both and the ratio.
+    `model` None: an untrained default `WorldModel`."""
+    if episodes < 1: raise WorldModelError(f"episodes must be >= 1, got {episodes}")
+    model = WorldModel().to(device) if model is None else model
+    play = lambda n, s, cfg=env_config: run_episodes(policy, model, n, s, planner, device, dtype, env_config=cfg)
+    with torch_threads(threads):
+        play(1, seed, replace(env_config, max_steps=2))                                      # warm-up
+        t0 = time.perf_counter(); together = play(episodes, seed)
+        t1 = time.perf_counter(); alone = [play(1, seed + e) for e in range(episodes)]
+        t2 = time.perf_counter()
+    r = {"episodes": episodes, "together_s_per_episode": (t1 - t0) / episodes, "alone_s_per_episode": (t2 - t1) / episodes,
+         "together_success": together["success"], "alone_success": float(np.mean([a["success"] for a in alone]))}
+    r["speedup"] = r["alone_s_per_episode"] / r["together_s_per_episode"]
+    print(f"{policy}, {episodes} episodes x {env_config.max_steps} steps: together {r['together_s_per_episode']:.3f} s/episode, "
+          f"one at a time {r['alone_s_per_episode']:.3f} s/episode ({r['speedup']:.1f}x)")
+    return r
+
 
 # %% ../nbs/07_world_model.ipynb #f3a9c2e2
 class PositionOracle(nn.Module):

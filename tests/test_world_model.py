@@ -322,3 +322,14 @@ def test_eb_jepa_recipe_clips_encoder_and_predictor_apart_and_leaves_the_idm_fre
     opt, groups = optimizer_and_clip_groups(lab, 1e-3)
     assert len(groups) == 1 and {id(p) for p in groups[0]} == ids(lab)                # one clip over everything
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_benchmark_planning_reports_both_ways_per_episode(one_thread):
+    from jepa_lab.world_model import benchmark_planning
+    r = benchmark_planning(WorldModel(WorldModelConfig(latent_dim=8, hidden=16)), episodes=3,
+                           planner=PlannerConfig(horizon=4, samples=8, iterations=2), env_config=TwoRoomsConfig(max_steps=3))
+    assert r["episodes"] == 3 and r["together_s_per_episode"] > 0 and r["alone_s_per_episode"] > 0
+    assert r["speedup"] == pytest.approx(r["alone_s_per_episode"] / r["together_s_per_episode"])
+    assert 0 <= r["together_success"] <= 1 and 0 <= r["alone_success"] <= 1
+    with pytest.raises(WorldModelError, match="episodes must be >= 1"):
+        benchmark_planning(episodes=0)
