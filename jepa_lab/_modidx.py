@@ -722,6 +722,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'jepa_lab.world.render_two_rooms': ('world.html#render_two_rooms', 'jepa_lab/world.py'),
                                 'jepa_lab.world.render_walls': ('world.html#render_walls', 'jepa_lab/world.py'),
                                 'jepa_lab.world.room_of': ('world.html#room_of', 'jepa_lab/world.py'),
+                                'jepa_lab.world.rule_moves': ('world.html#rule_moves', 'jepa_lab/world.py'),
                                 'jepa_lab.world.sample_frames': ('world.html#sample_frames', 'jepa_lab/world.py'),
                                 'jepa_lab.world.sample_layouts': ('world.html#sample_layouts', 'jepa_lab/world.py'),
                                 'jepa_lab.world.sample_start_goal': ('world.html#sample_start_goal', 'jepa_lab/world.py'),

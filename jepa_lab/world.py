@@ -22,8 +22,9 @@ __all__ = ['ACTIONS', 'DIRECTIONS', 'COLOURS', 'SHAPES', 'SIZES', 'FREE', 'WALL'
            'sprite_masks', 'render_background', 'render_lab', 'Observation', 'describe_scene', 'LabWorld',
            'empty_lab_state', 'shortest_path', 'random_policy', 'ScriptedPolicy', 'lab_trajectories', 'sample_frames',
            'lab_stepper', 'benchmark_lab_world', 'TwoRoomsError', 'TwoRoomsConfig', 'render_walls', 'render_dots',
-           'render_two_rooms', 'blocked_moves', 'move_agents', 'contact_moves', 'sample_layouts', 'sample_start_goal',
-           'TwoRooms', 'solid_wall', 'two_rooms_trajectories', 'two_rooms_trajectories_naive', 'benchmark_two_rooms']
+           'render_two_rooms', 'blocked_moves', 'move_agents', 'contact_moves', 'rule_moves', 'sample_layouts',
+           'sample_start_goal', 'TwoRooms', 'solid_wall', 'two_rooms_trajectories', 'two_rooms_trajectories_naive',
+           'benchmark_two_rooms']
 
 # %% ../nbs/02_world.ipynb #8d283c22
 ACTIONS = ("move_north", "move_south", "move_east", "move_west", "push", "pick_up", "drop", "open_door")
@@ -609,6 +610,12 @@ def contact_moves(positions, actions, wall_x, door_y, rng: np.random.Generator |
     out = np.where((use_v | use_h)[:, None], np.stack([px, py], 1), p1)
     return np.where((up | down)[:, None], edge, out)
 
+def rule_moves(positions, actions, wall_x, door_y, rng: np.random.Generator | None = None,
+               config: TwoRoomsConfig = TwoRoomsConfig()) -> np.ndarray:
+    "(B, 2) next positions under `config.env_rule`: eb_jepa (`contact_moves`) or lab (actions clipped, `move_agents`)."
+    if config.env_rule == "eb_jepa": return contact_moves(positions, actions, wall_x, door_y, rng, config)
+    return move_agents(positions, np.clip(actions, -config.max_action, config.max_action), wall_x, door_y, config)
+
 
 # %% ../nbs/02_world.ipynb #3ed52f32
 def sample_layouts(n: int, rng: np.random.Generator, config: TwoRoomsConfig = TwoRoomsConfig()):
@@ -676,11 +683,7 @@ class TwoRooms:
         if not np.isfinite(a).all(): raise TwoRoomsError("actions contain NaN or inf")
         if self.t >= self.config.max_steps:
             raise TwoRoomsError(f"the {self.config.max_steps}-step budget is spent: call reset(n, seed) for new episodes")
-        if self.config.env_rule == "eb_jepa":
-            self.positions = contact_moves(self.positions, a, self.wall_x, self.door_y, self._noise, self.config)
-        else:
-            a = np.clip(a, -self.config.max_action, self.config.max_action)
-            self.positions = move_agents(self.positions, a, self.wall_x, self.door_y, self.config)
+        self.positions = rule_moves(self.positions, a, self.wall_x, self.door_y, self._noise, self.config)
         self.t += 1
         return self.observe(), np.full(self.n, self.t >= self.config.max_steps)
 

@@ -19,7 +19,7 @@ from torch import nn
 from .core import Run, autocast, progress, torch_threads, train_loop
 from .jepa import adamw, alignment, candidate_set, cosine_scores, retrieval_metrics, warmup_cosine
 from .losses import _covariance_term, _variance_term
-from .world import (TwoRooms, TwoRoomsConfig, contact_moves, move_agents, render_two_rooms,
+from .world import (TwoRooms, TwoRoomsConfig, render_two_rooms, rule_moves,
                             two_rooms_trajectories)
 
 # %% auto #0
@@ -515,10 +515,7 @@ class PositionOracle(nn.Module):
         "(B, 4), (B, 2) -> (B, 4): the environment's step (no noise)."
         _check_za(z, a, 4, 2)
         p, w, act = (t.detach().double().cpu().numpy() for t in (z[:, :2], z[:, 2:], a))
-        if self.env_config.env_rule == "eb_jepa": nxt = contact_moves(p, act, w[:, 0], w[:, 1], None, self.env_config)
-        else:
-            act = np.clip(act, -self.env_config.max_action, self.env_config.max_action)
-            nxt = move_agents(p, act, w[:, 0], w[:, 1], self.env_config)
+        nxt = rule_moves(p, act, w[:, 0], w[:, 1], None, self.env_config)
         return torch.cat([torch.from_numpy(nxt).to(z), z[:, 2:]], 1)
 
 
