@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 from jepa_lab.core import load_checkpoint, save_checkpoint, seed_everything
-from jepa_lab.world import TwoRoomsConfig, two_rooms_trajectories
-from jepa_lab.world import render_two_rooms
-from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, WorldModel,
-                                  WorldModelConfig, WorldModelError, evaluate_reply, plan, render_two_rooms_torch, rollout,
+from jepa_lab.world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_trajectories
+from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, PositionOracle,
+                                  WorldModel, WorldModelConfig, WorldModelError, evaluate_reply, plan, render_two_rooms_torch, rollout,
                                   run_episodes, step_losses, teacher_forced, train_reply_transition, two_rooms_batch,
                                   rollout_position_error, world_model_losses)
 
@@ -55,8 +54,7 @@ class PositionEncoder(nn.Module):
     "The agent's position read off the dot channel (PositionOracle's exact centroid), embedded like the training latents."
     def __init__(self, embed): super().__init__(); self.embed = embed
     def forward(self, obs):
-        from jepa_lab.world_model import PositionOracle
-        return ((PositionOracle()._encode(obs)[:, :2].double() / 64.0) @ self.embed.double()).float()
+        return ((PositionOracle().encoder(obs)[:, :2].double() / 64.0) @ self.embed.double()).float()
 
 
 def test_planning_beats_random_actions(one_thread, walks_and_transition):
@@ -295,10 +293,8 @@ def test_eb_jepa_arch_scales_each_frame_like_its_normalizer():
 
 
 def test_position_oracle_reads_frames_exactly_and_plans_to_the_goal(one_thread):
-    from jepa_lab.world import TwoRooms
-    from jepa_lab.world_model import PositionOracle
     env = TwoRooms(); obs = env.reset(200, seed=7)
-    z = PositionOracle()._encode(torch.from_numpy(obs))
+    z = PositionOracle().encoder(torch.from_numpy(obs))
     assert np.abs(z[:, :2].double().numpy() - env.positions).max() < 1e-3              # the agent's position
     assert (z[:, 2].numpy() == env.wall_x).all() and (z[:, 3].numpy() == env.door_y).all()   # the layout
     oracle = PositionOracle()
