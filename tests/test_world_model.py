@@ -7,9 +7,9 @@ from torch import nn
 from jepa_lab.core import load_checkpoint, save_checkpoint, seed_everything
 from jepa_lab.world import TwoRooms, TwoRoomsConfig, render_two_rooms, two_rooms_trajectories
 from jepa_lab.world_model import (GRUTransition, ImpalaEncoder, LatentTransition, PlannerConfig, PositionOracle,
-                                  WorldModel, WorldModelConfig, WorldModelError, evaluate_reply, plan, render_two_rooms_torch, rollout,
-                                  run_episodes, step_losses, teacher_forced, train_reply_transition, two_rooms_batch,
-                                  rollout_position_error, world_model_losses)
+                                  WorldModel, WorldModelConfig, WorldModelError, evaluate_reply, plan,
+                                  render_two_rooms_torch, rollout, run_episodes, step_losses, teacher_forced,
+                                  train_reply_transition, two_rooms_batch, rollout_position_error, world_model_losses)
 
 
 def position_latents(data: dict, embed: torch.Tensor) -> torch.Tensor:
