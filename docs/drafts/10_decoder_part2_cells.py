@@ -184,7 +184,7 @@ def export_gguf(model: Decoder, tokenizer: ByteBPE, path, dtype: str = "f32") ->
         w.add_feed_forward_length(c.ffn_hidden); w.add_head_count(c.heads); w.add_head_count_kv(c.kv_heads)
         w.add_layer_norm_rms_eps(c.norm_eps); w.add_rope_freq_base(c.rope_base); w.add_rope_dimension_count(c.head_dim)
         w.add_vocab_size(c.vocab_size); w.add_file_type(GGUF_FILE_TYPES[dtype])
-        w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("gpt2")
+        w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens); w.add_token_types(types); w.add_token_merges(merges)
         w.add_bos_token_id(tokenizer.special_id("<bos>")); w.add_eos_token_id(tokenizer.special_id("<eos>"))
         w.add_pad_token_id(tokenizer.special_id("<pad>")); w.add_add_bos_token(False); w.add_add_eos_token(False)
