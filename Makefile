@@ -49,10 +49,14 @@ export: setup                  ## notebooks -> jepa_lab/, and strip outputs meta
 	$(BIN)/nbdev-export
 	$(BIN)/nbdev-clean
 
-wheelhouse: setup              ## offline wheels of the runner for a GPU box (cp$(GPU_PYTHON), manylinux)
+wheelhouse: setup              ## offline wheels of the runner for a GPU box (cp$(GPU_PYTHON), manylinux); datasets & co. at
+                               ## this venv's versions, without the needs a torch GPU image already has (pyarrow, pandas, ...)
 	rm -rf wheelhouse && mkdir -p wheelhouse
 	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  --platform any -d wheelhouse papermill ipykernel nbformat safetensors tqdm
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d wheelhouse $$($(PY) -m pip freeze | grep -iE '^(datasets|dill|multiprocess|chatterbot.corpus|gguf)==')
 	$(PY) -m pip wheel -q --no-deps -w wheelhouse .
 	@ls wheelhouse | wc -l | xargs echo "wheels:"; du -sh wheelhouse
