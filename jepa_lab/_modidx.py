@@ -201,6 +201,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'jepa_lab.decoder._safe_end': ('decoder.html#_safe_end', 'jepa_lab/decoder.py'),
                                   'jepa_lab.decoder._stream_hash': ('decoder.html#_stream_hash', 'jepa_lab/decoder.py'),
                                   'jepa_lab.decoder.benchmark_decode': ('decoder.html#benchmark_decode', 'jepa_lab/decoder.py'),
+                                  'jepa_lab.decoder.benchmark_decoder_step': ('decoder.html#benchmark_decoder_step', 'jepa_lab/decoder.py'),
                                   'jepa_lab.decoder.check_gguf': ('decoder.html#check_gguf', 'jepa_lab/decoder.py'),
                                   'jepa_lab.decoder.check_ids': ('decoder.html#check_ids', 'jepa_lab/decoder.py'),
                                   'jepa_lab.decoder.conversation_ids': ('decoder.html#conversation_ids', 'jepa_lab/decoder.py'),

@@ -42,7 +42,7 @@ __all__ = ['DECODER_FILE', 'BPE_FILE', 'MANIFEST_FILE', 'GGUF_TYPES', 'GGUF_FILE
            'write_decoder_manifest', 'tokenizer_hash', 'load_or_train_decoder', 'SamplingConfig', 'sample_next',
            'TorchEngine', 'generate_ids', 'generate_text', 'gpt2_byte_chars', 'gguf_vocab', 'permute_rotary',
            'gguf_tensors', 'export_gguf', 'check_gguf', 'LlamaCppDecoder', 'logit_parity', 'tokenizer_parity',
-           'benchmark_decode']
+           'benchmark_decode', 'benchmark_decoder_step']
 
 # %% ../nbs/10_decoder.ipynb #08998e3a
 class DecoderError(ValueError):
@@ -677,3 +677,37 @@ def _benchmark_decode(model, tokenizer, prompt_len, new_tokens, threads, dtypes,
         r["prompt_ratio"], r["decode_ratio"] = r["prompt_tok_s"] / base["prompt_tok_s"], r["decode_tok_s"] / base["decode_tok_s"]
         print(f"{r['engine']:24s} {r['prompt_tok_s']:12,.0f} {r['prompt_ratio']:5.2f}x {r['decode_tok_s']:12,.0f} {r['decode_ratio']:5.2f}x")
     return rows
+
+# %% ../nbs/10_decoder.ipynb #e7c1f4a1
+def benchmark_decoder_step(config: DecoderConfig, batch: int = 32, seq_len: int | None = None, steps: int = 10,
+                           compile: bool = False, dtype: str = "auto", device: str = "auto", warmup: int = 3,
+                           peak_tflops: float | None = None) -> dict:
+    "Time full decoder training steps on random tokens; prints tokens/s, TFLOP/s and MFU against the matmul peak."
+    from jepa_lab.core import autocast, pick_device, pick_dtype
+    from jepa_lab.jepa import _flops_and_step_time, _report_step, measure_matmul_peak
+    seq_len = seq_len or config.max_len
+    if seq_len > config.max_len: raise DecoderError(f"seq_len {seq_len} exceeds the context length {config.max_len}")
+    dev = pick_device(device); dt = pick_dtype(dtype, dev)
+    model = Decoder(config).to(dev).train()
+    opt = adamw(model, 1e-4, 0.1, dev)
+    forward = torch.compile(model, dynamic=False) if compile else model          # one graph: every batch has one shape
+    g = torch.Generator().manual_seed(0)
+    batches = [tuple(torch.randint(0, config.vocab_size, (2, batch, seq_len), generator=g).to(dev))  # inputs, targets
+               for _ in range(steps)]
+    def loss_of(net, x, y):                                                      # x, y: (B, T) inputs and next tokens
+        with autocast(dev, dt): return F.cross_entropy(net(x).flatten(0, 1).float(), y.flatten())
+    def fwd_bwd(b): loss_of(model, *b).backward()
+    def step(b):
+        loss = loss_of(forward, *b)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+    flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev)
+    peak = peak_tflops or measure_matmul_peak(dt if dev.type == "cuda" else torch.float32, device=dev)
+    tokens_per_s = batch * seq_len / seconds
+    result = dict(kind="decoder", size=f"dim {config.dim}, depth {config.depth}", device=str(dev),
+                  dtype=str(dt).replace("torch.", ""), compile=compile, batch=batch, seq_len=seq_len,
+                  params_m=count_params(model) / 1e6, step_ms=seconds * 1e3, samples_per_s=batch / seconds,
+                  tokens_per_s=tokens_per_s, gflop_per_step=flops / 1e9, tflops=flops / seconds / 1e12,
+                  peak_tflops=peak)
+    label = f"decoder dim {config.dim} × depth {config.depth}, {seq_len}-token rows, {tokens_per_s:,.0f} tokens/s"
+    return _report_step(result, label)
