@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from jepa_lab.bridge import (Bridge, BridgeError, Tofy, TofyConfig, _tofy_modules, chat_panel, load_tofy, next_turn_perplexity,
+from jepa_lab.bridge import (Bridge, BridgeError, Tofy, TofyConfig, _tofy_modules, chat_panel, load_or_train_tofy, load_tofy,
+                             next_turn_perplexity,
                              numbers_as_text, pad_pairs, pair_rows, save_tofy, shuffled, train_bridge)
 from jepa_lab.core import CheckpointError, Run, save_checkpoint
 from jepa_lab.data import load_dialog_pairs
@@ -128,3 +129,17 @@ def test_tofy_saves_and_refuses_pieces_that_do_not_belong(trained, tmp_path):
     with torch.no_grad(): retrained.norm.weight.add_(1.0)
     save_checkpoint(tmp_path / DECODER_FILE, retrained, step=2, rng=False)            # the decoder was retrained since
     with pytest.raises(CheckpointError, match="decoder_sha256"): load_tofy(tmp_path, config, bpe, model)
+
+
+def test_load_or_train_tofy_trains_once_then_loads(trained, tmp_path, one_thread, capsys):
+    model, bpe, _ = trained
+    save_checkpoint(tmp_path / DECODER_FILE, model, step=1, rng=False)
+    config = TofyConfig(jepa_dim=16, jepa_depth=1, jepa_heads=2, jepa_max_len=32, jepa_steps=10, transition_hidden=16,
+                        transition_steps=10, bridge_hidden=16, bridge_steps=5, pair_tokens=64)
+    first, how = load_or_train_tofy(tmp_path, model, bpe, config, Run(tmp_path / "run"), seed=0)
+    assert how == "trained" and "missing: training the tiny default" in capsys.readouterr().out
+    again, how = load_or_train_tofy(tmp_path, model, bpe, config, Run(tmp_path / "run2"), seed=0)
+    z = torch.randn(3, 16)
+    assert how == "loaded" and torch.equal(again["bridge"](z), first["bridge"](z))
+    with pytest.raises(CheckpointError, match="config"):                       # no silent retraining over a mismatch
+        load_or_train_tofy(tmp_path, model, bpe, TofyConfig(jepa_dim=16, prompt_len=2), Run(tmp_path / "run3"))

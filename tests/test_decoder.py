@@ -376,3 +376,19 @@ def test_manifest_hashes_the_decoder_files(lab, tmp_path):
     again = write_decoder_manifest(tmp_path, model, bpe, {"train": [[1, 2, 3], [4, 5]], "test": [[6, 8]]})
     assert again["data_hash"] != manifest["data_hash"] and again["files"] == manifest["files"]
     assert write_decoder_manifest(tmp_path, model, bpe, streams)["data_hash"] == manifest["data_hash"]
+
+
+def test_the_gpu_experiment_runs_under_the_cli_on_cpu(jepa_lab, cli_env, tmp_path):
+    "experiments/decoder_gpu under `jepa-lab run` at a tiny size: it trains, scores and records; a bad parameter is refused."
+    import json
+    import subprocess
+    out = tmp_path / "run"
+    args = [jepa_lab, "run", "experiments/decoder_gpu", "--out", str(out), "-p", "steps", "60", "-p", "dim", "64", "-p", "depth", "2",
+            "-p", "ffn_hidden", "128", "-p", "seq_len", "64", "-p", "warmup", "6", "-p", "lr", "3e-3"]
+    res = subprocess.run(args, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["perplexity"] < 0.35 * summary["unigram"], summary   # learned: 85.7 vs unigram 323
+    assert (out / "decoder.safetensors").is_file() and (out / "decoder-bpe.json").is_file()
+    bad = subprocess.run([jepa_lab, "run", "experiments/decoder_gpu", "-p", "stepz", "3"], env=cli_env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "stepz" in bad.stderr
