@@ -442,7 +442,7 @@ def train_loop(train_step, *, model, optimizer, steps: int, run: Run, scheduler=
                log_every: int = 10, keep: int = 2, config: dict | None = None, data_hash: str = "",
                desc: str = "train", start: int | None = None, main: bool = True, reduce_metrics=None) -> int:
     """Run `train_step(step) -> metrics` from the last checkpoint in `run` to `steps`; returns the start step.
-    For several processes (lesson 06a): `start` (resumed by the caller), `main` (this one logs, checkpoints and shows
+    For several processes (lesson 05a): `start` (resumed by the caller), `main` (this one logs, checkpoints and shows
     progress), `reduce_metrics` (combines metrics across processes at log steps)."""
     if start is None:
         start = 0

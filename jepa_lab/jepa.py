@@ -336,7 +336,7 @@ class ImageJEPA(JEPA):
         prediction = self.distance(pred, targets)
         if self.config.reg_on == "tokens":                                           # content variance at each position
             n = self.grid[0] * self.grid[1]
-            reg, reg_terms = self.regularizer(                                       # all ranks' rows (lesson 06a)
+            reg, reg_terms = self.regularizer(                                       # all ranks' rows (lesson 05a)
                 position_centred(gather_features(context.tokens), gather_constants(masks.context), n),   # (B·Nc, D)
                 position_centred(gather_features(pred), gather_constants(tpos), n))                     # (M·B·Nt, D)
         else:
@@ -445,10 +445,10 @@ def collapse_metrics(student: torch.Tensor, target: torch.Tensor) -> dict:
 # %% ../nbs/06_jepa.ipynb #832052e4
 def train_jepa(model: JEPA, next_batch: Callable[[int], tuple], train: TrainConfig, run: Run, device: torch.device,
                dtype: torch.dtype = torch.float32, config: dict | None = None, data_hash: str = "", desc: str = "jepa") -> int:
-    "Train `model` on `next_batch(step) -> forward args` (resumes from `run`; under torchrun, DDP: lesson 06a); returns the start step."
+    "Train `model` on `next_batch(step) -> forward args` (resumes from `run`; under torchrun, DDP: lesson 05a); returns the start step."
     opt = adamw(model, train.lr, train.weight_decay, device)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, train.steps, train.warmup, train.min_lr_ratio))
-    forward = wrap_ddp(model)                                                        # DDP under torchrun (06a), else model
+    forward = wrap_ddp(model)                                                        # DDP under torchrun (05a), else model
     forward = torch.compile(forward, dynamic=False) if train.compile else forward   # same parameters; a graph per shape
     trainable = [p for p in model.parameters() if p.requires_grad]
     c, watch, hint = model.config, FiniteWatch(("loss", "grad_norm")), f" (checkpoints in {run.checkpoints})"

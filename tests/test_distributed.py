@@ -1,20 +1,20 @@
-"Multi-rank training on CPU: 2 gloo ranks spawned once; gradients, EMA teacher and resume checked against one process."
+"Multi-rank training on CPU (05a, 06a): 2 gloo ranks spawned once; gradients, EMA teacher and resume checked against one process."
 from pathlib import Path
 
 import pytest
 import torch
 
 from jepa_lab.core import final_weights
-from jepa_lab.distributed import (LOSS_KINDS, SINGLE_PROCESS, DistributedContext, DistributedError, context, ddp_selfcheck,
-                                  encoder_gradients, gather_features, rank_batch_slice, regression_stream_run, run_on_ranks,
-                                  unwrap, wrap_ddp)
+from jepa_lab.distributed import (LOSS_KINDS, SINGLE_PROCESS, DistributedContext, DistributedError, context, encoder_gradients,
+                                  gather_features, rank_batch_slice, regression_stream_run, run_on_ranks, unwrap, wrap_ddp)
+from jepa_lab.distributed_jepa import jepa_ddp_selfcheck, jepa_step_gradients
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    "One spawn of 2 gloo ranks running every rank-side check (starting processes that import torch is the slow part)."
+    "One spawn of 2 gloo ranks running every rank-side check of 05a and 06a (starting processes that import torch: the slow part)."
     folder = tmp_path_factory.mktemp("ddp")
-    return folder, run_on_ranks(ddp_selfcheck, 2, str(folder))
+    return folder, run_on_ranks(jepa_ddp_selfcheck, 2, str(folder), True)
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -86,7 +86,6 @@ def test_gather_handles_unequal_row_counts_and_returns_each_rank_its_rows_gradie
 
 def test_a_jepa_training_step_on_two_ranks_equals_one_process(two_ranks):
     "Lesson 06's image JEPA: prediction loss per slice (DDP-averaged) + VICReg terms on gathered latents."
-    from jepa_lab.distributed import jepa_step_gradients
     _, ranks = two_ranks
     single = jepa_step_gradients()
     assert single.norm() > 0.1
