@@ -14,11 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 # %% auto #0
-__all__ = ['OPS', 'SYMBOL', 'COMMUTATIVE', 'ADJECTIVES', 'ITEMS', 'PLACES', 'TEMPLATES', 'TEST_TEMPLATES', 'STEP', 'ANSWER',
-           'BINARY', 'MOD', 'ReasoningError', 'ProblemConfig', 'Operation', 'apply_op', 'draw_graph', 'render_text',
-           'Problem', 'expression', 'gold_chain', 'generate_problems', 'structure', 'short_hash', 'is_test_structure',
-           'split_problems', 'contamination_report', 'StepCheck', 'ChainCheck', 'parse_expression', 'check_step',
-           'check_chain', 'prompt_and_target']
+__all__ = ['OPS', 'SYMBOL', 'COMMUTATIVE', 'ADJECTIVES', 'ITEMS', 'PLACES', 'NOUNS', 'TEMPLATES', 'TEST_TEMPLATES', 'STEP',
+           'ANSWER', 'BINARY', 'MOD', 'ReasoningError', 'ProblemConfig', 'Operation', 'apply_op', 'draw_graph',
+           'render_text', 'Problem', 'expression', 'gold_chain', 'generate_problems', 'structure', 'short_hash',
+           'is_test_structure', 'split_problems', 'contamination_report', 'StepCheck', 'ChainCheck', 'parse_expression',
+           'check_step', 'check_chain', 'prompt_and_target']
 
 # %% ../nbs/11_reasoning.ipynb #1cd603b9
 class ReasoningError(ValueError):
@@ -30,6 +30,9 @@ COMMUTATIVE = {"add", "mul"}
 ADJECTIVES = ("red", "green", "blue", "ripe", "small", "large", "old", "fresh", "striped", "shiny")
 ITEMS = ("apples", "pears", "plums", "lemons", "marbles", "pencils", "stamps", "shells", "coins", "books")
 PLACES = ("basket", "box", "bag", "drawer", "crate", "jar", "shelf", "bucket")
+NOUNS = ITEMS + ("cards", "beads", "cups", "bowls", "keys", "bells", "rings", "boats", "kites", "drums", "hats", "socks",
+                 "nails", "pins", "ropes", "seeds", "stones", "bricks", "tiles", "corks", "forks", "spoons", "plates", "candles",
+                 "buttons", "ribbons", "flags", "tents", "wheels", "combs")
 
 @dataclass
 class ProblemConfig:
@@ -39,11 +42,15 @@ class ProblemConfig:
     max_value: int = 99                   # every value lies in 0..max_value
     leaf_range: tuple = (2, 20)           # leaves are drawn from this range (inclusive)
     moduli: tuple = (7, 11, 13)           # the small primes of `mod`
+    names: str = "short"                  # "short": "apples"; "long": "the number of red apples in the basket"
+    order: str = "ordered"                # "ordered": values, then operations as computed; "shuffled": as iGSM
 
     def __post_init__(self):
         if not 1 <= self.min_ops <= self.max_ops: raise ReasoningError(f"need 1 ≤ min_ops ≤ max_ops, got {self.min_ops}, {self.max_ops}")
         if not 0 <= self.leaf_range[0] <= self.leaf_range[1] <= self.max_value:
             raise ReasoningError(f"leaf_range {self.leaf_range} must lie in 0..max_value {self.max_value}")
+        if self.names not in ("short", "long"): raise ReasoningError(f"names {self.names!r}: choose 'short' or 'long'")
+        if self.order not in ("ordered", "shuffled"): raise ReasoningError(f"order {self.order!r}: choose 'ordered' or 'shuffled'")
 
 @dataclass(frozen=True)
 class Operation:
@@ -110,22 +117,26 @@ TEMPLATES = {   # family: (leaf, add, sub, mul, div, mod); {x} target, {y} {z} a
     "T4": ("Suppose {x} is {v}.", "Combined, {y} and {z} give {x}.", "{x} is how much {y} exceeds {z}.",
            "{x} is {z} groups of {y}.", "{x} is {y} shared equally among {z}.", "{x} is the leftover when {y} is split into groups of {p}."),
     "T5": ("{x} = {v}.", "{x} = {y} + {z}.", "{x} = {y} - {z}.", "{x} = {y} * {z}.", "{x} = {y} / {z}.", "{x} = {y} mod {p}."),
-    "T6": ("It is given that {x} is {v}.", "Together, {y} and {z} make {x}.", "Taking {z} away from {y} leaves {x}.",
-           "{z} copies of {y} make {x}.", "Splitting {y} into {z} equal parts gives {x} in each.", "Counting {y} in {p}s leaves a remainder of {x}."),
-    "T7": ("Assume {x} to be {v}.", "{x} is as many as {y} and {z} put together.", "{x} is {z} fewer than {y}.",
-           "{x} is {z} times as many as {y}.", "{x} is one {z}-th of {y}.", "{x} is {y} reduced modulo {p}."),
+    "T6": ("We know {x} is {v}.", "The sum of {y} and {z} is {x}.", "The difference of {y} and {z} is {x}.",
+           "The product of {y} and {z} is {x}.", "The quotient of {y} and {z} is {x}.", "The remainder of {y} divided by {p} is {x}."),
+    "T7": ("Let {x} equal {v}.", "{x} is {y} plus {z}.", "{x} is {y} minus {z}.",
+           "{x} is {y} times {z}.", "{x} is {y} divided by {z}.", "{x} is {y} modulo {p}."),
 }
 TEST_TEMPLATES = ("T6", "T7")
 
-def _sentence(s: str) -> str: return s[0].upper() + s[1:]
+def _sentence(s: str, template: str) -> str:
+    "Capitalised, unless it opens with a quantity: a name is written one way everywhere, so the chain can copy it."
+    return s if template.startswith("{") else s[0].upper() + s[1:]
 
-def render_text(names: list, values: list, ops: list, template: str, query: int, rng: random.Random) -> str:
-    "The problem in template family `template`, sentences shuffled, then the question."
+def render_text(names: list, values: list, ops: list, template: str, query: int, rng: random.Random,
+                order: str = "shuffled") -> str:
+    "The problem in template family `template`, sentences shuffled (or values first, then operations in order), then the question."
     t, leaves = TEMPLATES[template], [i for i in range(len(names)) if i not in {o.target for o in ops}]
-    lines = [t[0].format(x=names[i], v=values[i]) for i in leaves]
-    lines += [t[1 + OPS.index(o.op)].format(x=names[o.target], y=names[o.args[0]], z=names[o.args[-1]], p=o.const) for o in ops]
-    rng.shuffle(lines)
-    return " ".join(_sentence(s) for s in lines) + f" What is {names[query]}?"
+    lines = [(t[0], t[0].format(x=names[i], v=values[i])) for i in leaves]
+    lines += [(t[1 + OPS.index(o.op)], t[1 + OPS.index(o.op)].format(x=names[o.target], y=names[o.args[0]], z=names[o.args[-1]], p=o.const))
+              for o in ops]
+    if order == "shuffled": rng.shuffle(lines)
+    return " ".join(_sentence(s, form) for form, s in lines) + f" What is {names[query]}?"
 
 # %% ../nbs/11_reasoning.ipynb #a3a033ec
 @dataclass
@@ -153,15 +164,19 @@ def gold_chain(p: Problem) -> str:
     steps = [f"Step {k}: {p.names[o.target]} = {expression(p, o)} = {p.values[o.target]}." for k, o in enumerate(p.ops, 1)]
     return "\n".join(steps + [f"Answer: {p.answer}"])
 
+def _draw_names(rng: random.Random, n: int, style: str) -> list:
+    "`n` distinct quantity names in `style` ('short' or 'long')."
+    if style == "short": return rng.sample(NOUNS, n)
+    return [f"the number of {a} {i} in the {pl}" for a, i, pl in rng.sample([(a, i, pl) for a in ADJECTIVES for i in ITEMS for pl in PLACES], n)]
+
 def generate_problems(n: int, config: ProblemConfig | None = None, seed: int = 0, templates=tuple(TEMPLATES)) -> list:
     "`n` problems, difficulty uniform in min_ops..max_ops, template family uniform over `templates`; fixed by `seed`."
     config, rng, out = config or ProblemConfig(), random.Random(seed), []
     for _ in range(n):
         values, ops = draw_graph(rng, rng.randint(config.min_ops, config.max_ops), config)
-        names = [f"the number of {a} {i} in the {pl}" for a, i, pl in
-                 rng.sample([(a, i, pl) for a in ADJECTIVES for i in ITEMS for pl in PLACES], len(values))]
+        names = _draw_names(rng, len(values), config.names)
         template = rng.choice(templates)
-        out.append(Problem(names, values, ops, len(values) - 1, template, render_text(names, values, ops, template, len(values) - 1, rng)))
+        out.append(Problem(names, values, ops, len(values) - 1, template, render_text(names, values, ops, template, len(values) - 1, rng, config.order)))
     return out
 
 # %% ../nbs/11_reasoning.ipynb #dc81262c
