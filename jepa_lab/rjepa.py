@@ -434,7 +434,9 @@ class Verifier(nn.Module):
     def forward(self, latents, pad) -> torch.Tensor:
         "Logits: (B,) for the ORM, (B, S) for the PRM (row 0, the problem, is not a line)."
         z = self.encoder(latents, pad)                                               # (B, S, dim)
-        if self.kind == "orm": return self.head(masked_mean(z[:, 1:], pad[:, 1:]))[:, 0]
+        if self.kind == "orm":                                                         # mean over lines (none: zeros)
+            keep = (~pad[:, 1:]).unsqueeze(-1).to(z.dtype)
+            return self.head((z[:, 1:] * keep).sum(1) / keep.sum(1).clamp_min(1))[:, 0]
         return self.head(z)[..., 0]
 
     @torch.no_grad()

@@ -222,6 +222,9 @@ def test_bad_inputs_get_clear_errors(tiny_student, problems):
         nudge(model, bpe, p, label_chain(p, gold_chain(p)), 7, 2, SamplingConfig(max_new_tokens=4))
     with pytest.raises(ReasoningError): pad_latents([])
     assert first_wrong_hits([], []) == {"chains": 0}
+    orm = Verifier(z.shape[1], RJEPAConfig(dim=32, depth=1, heads=2, max_lines=8), "orm")
+    empty = pad_latents([z, z[:1]])                                              # a chain with no line: finite, not NaN
+    assert torch.isfinite(orm(empty.latents, empty.pad)).all() and orm.score([z, z[:1]])[1] == -math.inf
 
 
 def test_the_lesson_runs_end_to_end_at_a_tiny_size(jepa_lab, cli_env, tmp_path):
