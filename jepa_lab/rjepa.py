@@ -35,8 +35,8 @@ __all__ = ['STUDENT_DECODER', 'TokenizedChain', 'chain_lines', 'chain_ids', 'tra
            'sample_many', 'LabelledChain', 'label_chain', 'ChainReadout', 'hidden_states', 'read_chains', 'span_bounds',
            'all_step_spans', 'step_masks', 'RJEPAConfig', 'StepEncoder', 'RJEPA', 'LatentChains', 'pad_latents',
            'gold_latents', 'rjepa_batches', 'Energy', 'chain_energies', 'Verifier', 'train_verifier', 'pick',
-           'pass_at_k', 'rerank_accuracy', 'nudge', 'first_wrong_hits', 'step_body', 'plan_step', 'plan_candidates',
-           'benchmark_rerank', 'benchmark_generation', 'tempfile_dir']
+           'weighted_vote', 'pass_at_k', 'rerank_accuracy', 'nudge', 'first_wrong_hits', 'step_body', 'plan_step',
+           'plan_candidates', 'benchmark_rerank', 'benchmark_generation', 'tempfile_dir']
 
 # %% ../nbs/11a_rjepa.ipynb #8d8a2f10
 class TokenizedChain(NamedTuple):
@@ -258,8 +258,10 @@ def hidden_states(model: Decoder, ids: torch.Tensor, layer: int) -> tuple[torch.
     return kept, model.output(model.norm(x))
 
 @torch.no_grad()
-def read_chains(model: Decoder, tokenizer: ByteBPE, problem: Problem, chains: list, layer: int | None = None) -> ChainReadout:
-    "Step latents and log-probabilities of `chains` (texts) of `problem`, in one batch."
+def read_chains(model: Decoder, tokenizer: ByteBPE, problem: Problem, chains: list, layer: int | None = None,
+                pool: str = "mean") -> ChainReadout:
+    "Step latents (`pool`: the mean over each line's tokens, or its last token's state) and log-probabilities of `chains`, in one batch."
+    if pool not in ("mean", "last"): raise ReasoningError(f"pool {pool!r}: choose 'mean' or 'last'")
     if not chains: raise ReasoningError("no chains to read: the candidate list is empty")
     layer = layer or model.config.depth
     if not 1 <= layer <= model.config.depth: raise ReasoningError(f"layer {layer} is not a block of the student (1..{model.config.depth})")
@@ -273,7 +275,7 @@ def read_chains(model: Decoder, tokenizer: ByteBPE, problem: Problem, chains: li
     logp = torch.log_softmax(logits.float(), -1).gather(-1, ids.to(device)[:, 1:, None])[..., 0].cpu()   # (B, T-1)
     latents, scores = [], []
     for i, t in enumerate(toks):
-        latents.append(torch.stack([hidden[i, a:b].mean(0) for a, b in t.spans]))   # (1 + K, D)
+        latents.append(torch.stack([hidden[i, a:b].mean(0) if pool == "mean" else hidden[i, b - 1] for a, b in t.spans]))   # (1 + K, D)
         start, end = t.spans[0][1], len(t.ids)                                       # the chain's tokens
         scores.append(float(logp[i, start - 1:end - 1].mean()) if end > start else -math.inf)
     return ChainReadout(latents, torch.tensor(scores))
@@ -490,6 +492,19 @@ def pick(correct: list, scores=None, answers=None) -> float:
     best = np.flatnonzero(scores == scores.max())
     return float(np.mean([correct[i] for i in best]))
 
+def weighted_vote(correct: list, answers: list, scores) -> float:
+    "Expected correctness of the answer with the largest summed weight, weights softmax(score / σ) (σ: the scores' spread)."
+    s = np.asarray(scores, dtype=float)
+    keep = [i for i, a in enumerate(answers) if a is not None and np.isfinite(s[i])]
+    if not keep: return 0.0                                                          # nothing parsed and scored: no answer
+    v = s[keep]
+    w = np.exp((v - v.max()) / (v.std() if v.std() > 0 else 1.0))
+    totals = {}
+    for i, wi in zip(keep, w): totals[answers[i]] = totals.get(answers[i], 0.0) + wi
+    best = max(totals.values())
+    winners = [a for a, t in totals.items() if t >= best * (1 - 1e-12)]
+    return float(np.mean([any(c for c, b in zip(correct, answers) if b == a) for a in winners]))
+
 def pass_at_k(right: int, n: int, k: int) -> float:
     "P(at least one right among k of n chains, `right` of them right) = 1 − C(n − right, k) / C(n, k)."
     return 1.0 - math.comb(n - right, k) / math.comb(n, k)
@@ -500,7 +515,8 @@ def rerank_accuracy(groups: list, ns=(1, 2, 4, 8, 16), draws: int = 32, seed: in
     if not groups: raise ReasoningError("no problems to rerank")
     rng, out = random.Random(seed), {}
     scored = [k for k in groups[0] if k not in ("correct", "answers")]              # every other key is a score list
-    per = {m: {n: [] for n in ns} for m in ["random", "majority", *scored, "oracle"]}
+    methods = ["random", "majority", *[f"{m}{how}" for m in scored for how in ("", "+vote")], "oracle"]
+    per = {m: {n: [] for n in ns} for m in methods}
     for g in groups:
         N = len(g["correct"])
         for n in ns:
@@ -513,6 +529,7 @@ def rerank_accuracy(groups: list, ns=(1, 2, 4, 8, 16), draws: int = 32, seed: in
                     if m == "random": vals.append(float(np.mean(g["correct"])))           # its expectation, exactly
                     elif m == "oracle": vals.append(pass_at_k(sum(g["correct"]), N, n))   # exact (Chen et al.)
                     elif m == "majority": vals.append(pick(c, answers=[g["answers"][i] for i in s]))
+                    elif m.endswith("+vote"): vals.append(weighted_vote(c, [g["answers"][i] for i in s], [g[m[:-5]][i] for i in s]))
                     else: vals.append(pick(c, [g[m][i] for i in s]))
                 per[m][n].append(float(np.mean(vals)))
     for m, by_n in per.items():

@@ -18,7 +18,8 @@ from jepa_lab.reasoning import ProblemConfig, ReasoningError, generate_problems,
 from jepa_lab.rjepa import (RJEPA, RJEPAConfig, Verifier, all_step_spans, chain_energies, chain_ids, chain_lines,
                             first_wrong_hits, gold_chain_batch, label_chain, load_or_train_student, nudge, pad_latents,
                             pick, plan_step, read_chains, rerank_accuracy, rjepa_batches, sample_chains, sample_many,
-                            sample_rows, span_bounds, step_masks, student_files, train_student_bpe, train_verifier)
+                            sample_rows, span_bounds, step_masks, student_files, train_student_bpe, train_verifier,
+                            weighted_vote)
 
 SMALL = ProblemConfig(max_value=20, leaf_range=(1, 9), max_ops=3)
 
@@ -60,6 +61,12 @@ def test_rerank_accuracy_orders_the_baselines_and_refuses_n_beyond_the_samples()
     assert curve["perfect"][8][0] == curve["oracle"][8][0] > curve["random"][8][0]   # a perfect score reaches pass@N
     assert curve["inverse"][8][0] <= curve["random"][8][0]
     assert curve["oracle"][1][0] == pytest.approx(pass1)
+    assert curve["perfect+vote"][8][0] == curve["oracle"][8][0]                 # a perfect score's vote picks the right answer
+    flat = [dict(g, flat=[0.0] * 8) for g in groups]                              # a constant score votes like the majority
+    votes = rerank_accuracy(flat, ns=(8,))
+    assert votes["flat+vote"][8][0] == pytest.approx(votes["majority"][8][0])
+    assert weighted_vote([True, False, False], [3, 5, 5], [5.0, 0.0, 0.0]) == 1.0  # one confident chain outweighs two
+    assert weighted_vote([False], [None], [1.0]) == 0.0
     with pytest.raises(ReasoningError, match="larger than the 8 samples"): rerank_accuracy(groups, ns=(16,))
     with pytest.raises(ReasoningError): rerank_accuracy([])
 
