@@ -405,12 +405,13 @@ class Energy(NamedTuple):
 
 @torch.no_grad()
 def chain_energies(model: RJEPA, latents: list) -> list:
-    "The `Energy` of each chain (latents (1 + K, D) per chain), all masks of all chains in one batch."
+    "The `Energy` of each chain (latents (1 + K, D) per chain), all masks in one batch; inf (no score) for no line or > max_lines."
     model.eval()
     device, c = next(model.parameters()).device, model.step_config
     rows, owners = [], []
     for i, z in enumerate(latents):
         k = len(z) - 1
+        if len(z) > c.max_lines: continue                                            # a runaway chain: no score
         for s, m in (all_step_spans(k, c.mask_min, c.mask_max) if k >= 1 else []):
             rows.append((z, s, m)); owners.append(i)
     out = [Energy(math.inf, torch.empty(0)) for _ in latents]                     # no line: no score
@@ -445,13 +446,15 @@ class Verifier(nn.Module):
     def score(self, latents: list) -> torch.Tensor:
         "Higher is better: P(right) (ORM), or the smallest P(line right) over the chain's lines (PRM); -inf for no line."
         self.eval()
-        data = pad_latents(latents)
+        limit = len(self.encoder.pos)
+        too_long = torch.tensor([len(z) > limit for z in latents])                   # a runaway chain: no score
+        data = pad_latents([z[:limit] for z in latents])
         device = next(self.parameters()).device
         logits = self(data.latents.to(device), data.pad.to(device)).float().cpu()
         if self.kind == "orm": p = logits.sigmoid()
         elif data.pad.shape[1] == 1: p = torch.zeros(len(latents))                 # no chain has a line
         else: p = logits.sigmoid()[:, 1:].masked_fill(data.pad[:, 1:], 1.0).min(1).values
-        return p.masked_fill(data.lines == 0, -math.inf)
+        return p.masked_fill((data.lines == 0) | too_long, -math.inf)
 
 def train_verifier(model: Verifier, data: LatentChains, labels: torch.Tensor, steps: int, run: Run, batch_size: int = 64,
                    lr: float = 1e-3, device=None, seed: int = 0) -> Verifier:

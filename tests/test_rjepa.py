@@ -223,7 +223,9 @@ def test_bad_inputs_get_clear_errors(tiny_student, problems):
     rjepa = RJEPA(z.shape[1], RJEPAConfig(dim=32, depth=1, heads=2, max_lines=4, predictor_dim=32, predictor_depth=1))
     with pytest.raises(ReasoningError, match="inner line"): plan_step(rjepa, model, bpe, p, 0, ["x"])
     with pytest.raises(ReasoningError, match="candidate"): plan_step(rjepa, model, bpe, p, 1, [])
-    with pytest.raises(ReasoningError, match="max_lines"): chain_energies(rjepa, [torch.zeros(6, z.shape[1])])
+    long = torch.zeros(6, z.shape[1])                                             # a runaway chain: more lines than positions
+    assert chain_energies(rjepa, [long, z[:3]])[0].chain == math.inf              # no score, and the others still scored
+    with pytest.raises(ReasoningError, match="max_lines"): rjepa.student(long[None], torch.zeros(1, 6, dtype=torch.bool))
     assert chain_energies(rjepa, [z[:1]])[0].chain == math.inf                     # no line: no score
     with pytest.raises(ReasoningError, match="not a line"):
         nudge(model, bpe, p, label_chain(p, gold_chain(p)), 7, 2, SamplingConfig(max_new_tokens=4))
@@ -232,6 +234,7 @@ def test_bad_inputs_get_clear_errors(tiny_student, problems):
     orm = Verifier(z.shape[1], RJEPAConfig(dim=32, depth=1, heads=2, max_lines=8), "orm")
     empty = pad_latents([z, z[:1]])                                              # a chain with no line: finite, not NaN
     assert torch.isfinite(orm(empty.latents, empty.pad)).all() and orm.score([z, z[:1]])[1] == -math.inf
+    assert orm.score([torch.zeros(12, z.shape[1]), z])[0] == -math.inf
 
 
 def test_the_lesson_runs_end_to_end_at_a_tiny_size(jepa_lab, cli_env, tmp_path):
