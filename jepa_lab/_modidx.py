@@ -752,7 +752,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'jepa_lab.rjepa.step_body': ('rjepa.html#step_body', 'jepa_lab/rjepa.py'),
                                 'jepa_lab.rjepa.step_masks': ('rjepa.html#step_masks', 'jepa_lab/rjepa.py'),
                                 'jepa_lab.rjepa.student_files': ('rjepa.html#student_files', 'jepa_lab/rjepa.py'),
-                                'jepa_lab.rjepa.tempfile_dir': ('rjepa.html#tempfile_dir', 'jepa_lab/rjepa.py'),
                                 'jepa_lab.rjepa.train_student': ('rjepa.html#train_student', 'jepa_lab/rjepa.py'),
                                 'jepa_lab.rjepa.train_student_bpe': ('rjepa.html#train_student_bpe', 'jepa_lab/rjepa.py'),
                                 'jepa_lab.rjepa.train_verifier': ('rjepa.html#train_verifier', 'jepa_lab/rjepa.py'),

@@ -15,7 +15,7 @@ from jepa_lab.core import CheckpointError, Run, load_settings
 from jepa_lab.decoder import Decoder, DecoderConfig, SamplingConfig
 from jepa_lab.jepa import TrainConfig, train_jepa
 from jepa_lab.reasoning import ProblemConfig, ReasoningError, generate_problems, gold_chain, prompt_and_target, split_problems
-from jepa_lab.rjepa import (RJEPA, RJEPAConfig, Verifier, all_step_spans, chain_energies, chain_ids, chain_lines,
+from jepa_lab.rjepa import (RJEPA, RJEPAConfig, Verifier, all_step_spans, benchmark_generation, chain_energies, chain_ids, chain_lines,
                             first_wrong_hits, gold_chain_batch, label_chain, load_or_train_student, nudge, pad_latents,
                             pick, plan_step, read_chains, rerank_accuracy, rjepa_batches, sample_chains, sample_many,
                             sample_rows, span_bounds, step_masks, student_files, train_student_bpe, train_verifier,
@@ -130,6 +130,15 @@ def test_sampling_is_seeded_and_batching_changes_nothing(tiny_student, problems)
     assert torch.equal(sample_rows(logits, greedy, torch.Generator()), logits.argmax(-1))
     assert torch.equal(sample_rows(logits, replace(hot, top_k=1), torch.Generator()), logits.argmax(-1))
     with pytest.raises(ReasoningError): sample_chains(model, bpe, ps[0], 0, greedy)
+
+
+def test_generation_benchmark_runs_both_engines(tiny_student, problems, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model, bpe = tiny_student
+    before = torch.get_num_threads()
+    out = benchmark_generation(model, bpe, problems["test"][:2], 2, threads=1 if before > 1 else 2, folder=tmp_path)
+    assert out["torch_batched_tok_s"] > 0 and out["llama_cpp_sequential_tok_s"] > 0
+    assert (tmp_path / "student-f32.gguf").is_file() and torch.get_num_threads() == before   # threads restored
 
 
 def test_read_chains_batch_equals_one_at_a_time(tiny_student, problems):
