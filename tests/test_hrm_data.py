@@ -299,7 +299,7 @@ def test_parse_maze_rows_on_fake_rows():
 def test_load_puzzles_generated_hub_plumbing_and_unknown_sources(monkeypatch):
     assert load_puzzles("generated:sudoku4", 20, seed=2).keys == generate_sudoku(20, 4, seed=2).keys
     assert torch.equal(load_puzzles("generated:maze9", 5, seed=2).inputs, generate_mazes(5, 9, seed=2).inputs)
-    for bad in ("generated:sudoku5", "hub:someone/chess", "sudoku4", "file:x.json"):
+    for bad in ("generated:sudoku5", "hub:someone/chess", "sudoku4", "disk:x.json"):
         with pytest.raises(PuzzleError, match="generated:sudoku4.*hub:sapientinc/sudoku-extreme"): load_puzzles(bad, 5)
     import datasets
     import jepa_lab.data
