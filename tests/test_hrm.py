@@ -79,11 +79,12 @@ def test_predict_segments_matches_manual_segments_and_halting_picks_first_confid
 
 @pytest.fixture(scope="module")
 def sudoku4():
-    split = split_puzzles(generate_sudoku(1500, 4, seed=11), 0.2, seed=0)
-    return augment_train(split["train"], 2, seed=0), split["test"]
+    "Lesson 12's default data: 3,000 4×4 puzzles, split by key, four augmented copies of the training side."
+    split = split_puzzles(generate_sudoku(3000, 4, seed=0), 0.2, seed=0)
+    return augment_train(split["train"], 4, seed=0), split["test"]
 
 
-def _train(cls, config, segments, share, data, tmp_path, steps=600):
+def _train(cls, config, segments, share, data, tmp_path, steps=1000):
     torch.manual_seed(0)
     model = cls(config)
     train_reasoner(model, data[0].inputs, data[0].labels, ReasonerTrain(steps=steps, segments=segments, log_every=100),
@@ -92,13 +93,13 @@ def _train(cls, config, segments, share, data, tmp_path, steps=600):
 
 
 def test_hrm_and_trm_beat_the_one_pass_transformer_on_4x4_sudoku(sudoku4, tmp_path):
-    config = replace(CONFIG, dim=64, layers=1)
+    config = replace(CONFIG, dim=64, layers=2)                                       # the lesson's CPU defaults, seed 0
     variants = same_size_variants(config, segments=4)
     scores = {name: _train(*variants[name], sudoku4, tmp_path) for name in ("HRM", "TRM", "transformer, one pass")}
     exact = {name: s["exact_by_segment"][variants[name].segments - 1] for name, s in scores.items()}
     print(exact)
-    assert exact["HRM"] > exact["transformer, one pass"] + 0.05
-    assert exact["TRM"] > exact["transformer, one pass"] + 0.05
+    assert exact["HRM"] > exact["transformer, one pass"] + 0.03 and exact["HRM"] > 0.9     # lesson 12, seed 0: 0.962 vs 0.885
+    assert exact["TRM"] > exact["transformer, one pass"] + 0.03                           # 0.955
 
 
 def test_train_reasoner_refuses_an_empty_set(tmp_path):
