@@ -712,7 +712,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'jepa_lab.hrm._solve_cells': ('hrm.html#_solve_cells', 'jepa_lab/hrm.py'),
                               'jepa_lab.hrm._spatial_order': ('hrm.html#_spatial_order', 'jepa_lab/hrm.py'),
                               'jepa_lab.hrm._sudoku_set': ('hrm.html#_sudoku_set', 'jepa_lab/hrm.py'),
-                              'jepa_lab.hrm._sync': ('hrm.html#_sync', 'jepa_lab/hrm.py'),
                               'jepa_lab.hrm._unit_name': ('hrm.html#_unit_name', 'jepa_lab/hrm.py'),
                               'jepa_lab.hrm._units': ('hrm.html#_units', 'jepa_lab/hrm.py'),
                               'jepa_lab.hrm.augment_sudoku': ('hrm.html#augment_sudoku', 'jepa_lab/hrm.py'),

@@ -29,7 +29,7 @@ from torch import nn
 from .core import (CheckpointError, Run, _atomic_write, _read_safetensors, _write_json, autocast, data_hash,
                            load_checkpoint, save_checkpoint, train_loop)
 from .encoders import Block, Encoded, count_parameters, init_weights
-from .jepa import JEPA, JEPAConfig, JEPAStep, Predictor, PredictorConfig, _gather, adamw, warmup_cosine
+from .jepa import JEPA, JEPAConfig, JEPAStep, Predictor, PredictorConfig, _gather, _sync, adamw, warmup_cosine
 
 # %% auto #0
 __all__ = ['BOXES', 'SUDOKU_4_CLASSES', 'MAZE_VOCAB', 'WALL', 'OPEN', 'START', 'GOAL', 'PATH', 'HUB_PUZZLES', 'REASONERS',
@@ -994,10 +994,7 @@ def load_reasoner(path) -> tuple[Reasoner, dict]:
     manifest = path.with_suffix(".json")
     return model, (json.loads(manifest.read_text()) if manifest.is_file() else {})
 
-# %% ../nbs/12_hrm.ipynb #53e4ccff
-def _sync(device: torch.device):
-    if device.type == "cuda": torch.cuda.synchronize(device)
-
+# %% ../nbs/12_hrm.ipynb #fe694c23
 def benchmark_solving(model: Reasoner, inputs: torch.Tensor, segments: int, solver=None, batch_size: int = 256,
                       single: int = 64, device=None) -> dict:
     "Puzzles/s: the model batched, the model one puzzle at a time (first `single`), and `solver(puzzle)` on those."
