@@ -20,8 +20,8 @@ from .core import CheckpointError, Run, _atomic_write, load_checkpoint, save_che
 from .data import load_dialog_pairs
 from .decoder import DECODER_FILE, Decoder, SamplingConfig, file_sha256, generate_text, tokenizer_hash
 from .encoders import TextEncoderConfig
-from .jepa import (JEPAConfig, SpanConfig, TextJEPA, TrainConfig, _batched, cosine_scores, dialog_batch,
-                           dialog_tensors, retrieval_metrics, train_jepa)
+from .jepa import JEPAConfig, SpanConfig, TextJEPA, TrainConfig, dialog_batch, dialog_tensors, train_jepa
+from .jepa_eval import _batched, cosine_scores, retrieval_metrics
 from .tokenize import ByteBPE
 from .world_model import REPLY, LatentTransition, train_reply_transition
 

@@ -684,7 +684,7 @@ def benchmark_decoder_step(config: DecoderConfig, batch: int = 32, seq_len: int 
                            peak_tflops: float | None = None) -> dict:
     "Time full decoder training steps on random tokens; prints tokens/s, TFLOP/s and MFU against the matmul peak."
     from jepa_lab.core import autocast, pick_device, pick_dtype
-    from jepa_lab.jepa import _flops_and_step_time, _report_step, measure_matmul_peak
+    from jepa_lab.jepa_speed import _flops_and_step_time, _report_step, measure_matmul_peak
     seq_len = seq_len or config.max_len
     if seq_len > config.max_len: raise DecoderError(f"seq_len {seq_len} exceeds the context length {config.max_len}")
     dev = pick_device(device); dt = pick_dtype(dtype, dev)

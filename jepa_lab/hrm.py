@@ -29,7 +29,8 @@ from torch import nn
 from .core import (CheckpointError, Run, _atomic_write, _read_safetensors, _write_json, autocast, data_hash,
                            load_checkpoint, save_checkpoint, train_loop)
 from .encoders import Block, Encoded, count_parameters, init_weights
-from .jepa import JEPA, JEPAConfig, JEPAStep, Predictor, PredictorConfig, _gather, _sync, adamw, warmup_cosine
+from .jepa import JEPA, JEPAConfig, JEPAStep, Predictor, PredictorConfig, _gather, adamw, warmup_cosine
+from .jepa_speed import _sync
 
 # %% auto #0
 __all__ = ['BOXES', 'SUDOKU_4_CLASSES', 'MAZE_VOCAB', 'WALL', 'OPEN', 'START', 'GOAL', 'PATH', 'HUB_PUZZLES', 'REASONERS',

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import Run, autocast, progress, torch_threads, train_loop
-from .jepa import adamw, alignment, candidate_set, cosine_scores, retrieval_metrics, warmup_cosine
+from .jepa import adamw, warmup_cosine
+from .jepa_eval import alignment, candidate_set, cosine_scores, retrieval_metrics
 from .losses import _covariance_term, _variance_term
 from .world import (TwoRooms, TwoRoomsConfig, render_two_rooms, rule_moves,
                             two_rooms_trajectories)

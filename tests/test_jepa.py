@@ -8,9 +8,10 @@ import torch
 from jepa_lab.core import NonFiniteError, Run, seed_everything
 from jepa_lab.encoders import TextEncoderConfig, ViTConfig
 from jepa_lab.jepa import (ImageJEPA, JEPAConfig, MaskError, MultiBlockConfig, Predictor, PredictorConfig, SpanConfig,
-                           TextJEPA, TfIdf, TrainConfig, benchmark_jepa_step, block_size, candidate_set, dialog_batch,
-                           dialog_tensors, evaluate_text_jepa, image_batches, mask_positions, multiblock_masks,
-                           retrieval_metrics, span_mask, train_jepa)
+                           TextJEPA, TrainConfig, block_size, dialog_batch, dialog_tensors, image_batches,
+                           mask_positions, multiblock_masks, span_mask, train_jepa)
+from jepa_lab.jepa_eval import TfIdf, candidate_set, evaluate_text_jepa, retrieval_metrics
+from jepa_lab.jepa_speed import benchmark_jepa_step
 
 CPU = torch.device("cpu")
 
