@@ -124,6 +124,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'jepa_lab.data.dialog_content_hash': ('data.html#dialog_content_hash', 'jepa_lab/data.py'),
                                'jepa_lab.data.dialog_manifest': ('data.html#dialog_manifest', 'jepa_lab/data.py'),
                                'jepa_lab.data.dialog_texts': ('data.html#dialog_texts', 'jepa_lab/data.py'),
+                               'jepa_lab.data.everyday_dialog': ('data.html#everyday_dialog', 'jepa_lab/data.py'),
                                'jepa_lab.data.hub_offline_reason': ('data.html#hub_offline_reason', 'jepa_lab/data.py'),
                                'jepa_lab.data.lexnames_table': ('data.html#lexnames_table', 'jepa_lab/data.py'),
                                'jepa_lab.data.load_dialog_pairs': ('data.html#load_dialog_pairs', 'jepa_lab/data.py'),

@@ -32,14 +32,15 @@ import yaml
 from .core import _write_json, data_hash, load_settings, progress
 
 # %% auto #0
-__all__ = ['SPLITS', 'DIALOG_COLUMNS', 'DIALOG_FEATURES', 'DIALOG_FORMAT', 'TABLE_BUILDERS', 'PYKEEN_GRAPHS', 'PYKEEN_SPLITS',
-           'WORDNET_DIR', 'WORDNET_APT', 'LEXNAMES', 'WORDNET_RELATIONS', 'DataFormatError', 'MissingDataError',
-           'EmptySplitError', 'HubOfflineError', 'package_version', 'chatterbot_corpus_dir', 'SkippedDataWarning',
-           'Conversation', 'normalise_turn', 'read_conversation_file', 'read_conversations', 'split_conversations',
-           'context_pairs', 'load_dialog_pairs', 'dialog_texts', 'dialog_content_hash', 'dialog_manifest',
-           'save_dialog_pairs', 'load_saved_dialog', 'hub_offline_reason', 'load_table', 'Provenance', 'KnowledgeGraph',
-           'read_triples_tsv', 'pykeen_datasets_dir', 'load_pykeen_graph', 'lexnames_table', 'wordnet_available',
-           'prepare_wordnet', 'wordnet_reader', 'wordnet_neighbourhood', 'load_wordnet_graph', 'load_knowledge_graph']
+__all__ = ['SPLITS', 'DIALOG_COLUMNS', 'DIALOG_FEATURES', 'EVERYDAY_EXCHANGES', 'DIALOG_FORMAT', 'TABLE_BUILDERS',
+           'PYKEEN_GRAPHS', 'PYKEEN_SPLITS', 'WORDNET_DIR', 'WORDNET_APT', 'LEXNAMES', 'WORDNET_RELATIONS',
+           'DataFormatError', 'MissingDataError', 'EmptySplitError', 'HubOfflineError', 'package_version',
+           'chatterbot_corpus_dir', 'SkippedDataWarning', 'Conversation', 'normalise_turn', 'read_conversation_file',
+           'read_conversations', 'split_conversations', 'context_pairs', 'load_dialog_pairs', 'dialog_texts',
+           'everyday_dialog', 'dialog_content_hash', 'dialog_manifest', 'save_dialog_pairs', 'load_saved_dialog',
+           'hub_offline_reason', 'load_table', 'Provenance', 'KnowledgeGraph', 'read_triples_tsv',
+           'pykeen_datasets_dir', 'load_pykeen_graph', 'lexnames_table', 'wordnet_available', 'prepare_wordnet',
+           'wordnet_reader', 'wordnet_neighbourhood', 'load_wordnet_graph', 'load_knowledge_graph']
 
 # %% ../nbs/01_data.ipynb #fbfbcbda
 class DataFormatError(ValueError):
@@ -209,6 +210,99 @@ def dialog_texts(split: str = "train", seed: int = 0, corpus_dir=None) -> list[s
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
     ds = load_dialog_pairs(seed=seed, corpus_dir=corpus_dir)[split]
     return list(dict.fromkeys(t for context, response in zip(ds["context"], ds["response"]) for t in [*context, response]))
+
+# %% ../nbs/01_data.ipynb #f6ded8ef
+EVERYDAY_EXCHANGES = (  # (topic, first line, reply): written for jepa-lab, kept out of training and tuning
+    ("shopping", "Do you know if the bakery on the corner is open on Sundays?", "Only in the morning, they close at noon."),
+    ("shopping", "These shoes are too tight, can I swap them for a bigger size?", "Of course, bring the receipt and we will exchange them."),
+    ("shopping", "How much are the apples today?", "Two euros a kilo, or three kilos for five."),
+    ("shopping", "We are out of milk again.", "I'll pick some up on my way home from work."),
+    ("shopping", "Is this jacket on sale too?", "Yes, everything on that rail is thirty percent off."),
+    ("shopping", "Can I pay by card here?", "Sorry, the card machine is broken, cash only today."),
+    ("shopping", "Did you remember to buy eggs?", "I forgot, but there are still four in the fridge."),
+    ("food", "What should we cook for dinner tonight?", "Let's make pasta with the tomatoes from the garden."),
+    ("food", "This soup is really too salty.", "Sorry, I added salt twice by mistake."),
+    ("food", "Would you like some more cake?", "Just a small slice, I'm nearly full."),
+    ("food", "How do you like your coffee?", "Black, no sugar, thanks."),
+    ("food", "The oven is still not heating up.", "Check the fuse, it tripped last week too."),
+    ("food", "Shall we order a pizza?", "Good idea, I'll have one with mushrooms and olives."),
+    ("food", "Is the chicken cooked through?", "Not yet, give it another ten minutes in the oven."),
+    ("travel", "What time does the last train to the city leave?", "At eleven forty, from platform three."),
+    ("travel", "Our flight has been delayed by two hours.", "Then let's get something to eat at the airport."),
+    ("travel", "Is it far to the museum from here?", "About fifteen minutes on foot, straight down this street."),
+    ("travel", "Did you pack the passports?", "Yes, they are in the front pocket of my backpack."),
+    ("travel", "The car is making a strange noise when I brake.", "You should take it to the garage before the trip."),
+    ("travel", "Where can I buy a bus ticket?", "From the driver, but you need the exact change."),
+    ("travel", "How was your holiday at the seaside?", "Lovely, we swam every day and the weather was perfect."),
+    ("travel", "There is a traffic jam on the motorway.", "Let's take the country road through the villages instead."),
+    ("work", "Can you send me the report before the meeting?", "I'll email it to you within the hour."),
+    ("work", "The printer on the second floor is jammed again.", "I'll call the technician, use the one downstairs for now."),
+    ("work", "Are you coming to the team lunch on Friday?", "I can't, I have a dentist appointment at noon."),
+    ("work", "My laptop will not connect to the office wifi.", "Try forgetting the network and entering the password again."),
+    ("work", "How did the job interview go?", "Really well, they said they would call me next week."),
+    ("work", "The client wants the deadline moved to Monday.", "That's fine, it gives us the weekend to finish the tests."),
+    ("work", "Who is taking notes at the meeting today?", "It's my turn, I'll share them afterwards."),
+    ("work", "I think I'm going to ask for a raise.", "Good luck, you've certainly earned it this year."),
+    ("home", "The kitchen tap keeps dripping.", "I'll change the washer this weekend."),
+    ("home", "Did you water the plants while I was away?", "Every other day, and the tomatoes are ripening."),
+    ("home", "Whose turn is it to take out the rubbish?", "Yours, I did it yesterday."),
+    ("home", "It's freezing in the living room.", "Turn the heating up, the thermostat is by the door."),
+    ("home", "The neighbours' dog barked all night.", "I'll talk to them about it this evening."),
+    ("home", "Where did you put the spare keys?", "In the drawer under the telephone."),
+    ("home", "The washing machine is leaking water on the floor.", "Switch it off and I'll look at the hose."),
+    ("home", "Can you help me move the sofa on Saturday?", "Sure, I'll come over after breakfast."),
+    ("health", "I've had a headache since this morning.", "Drink some water and lie down for a while."),
+    ("health", "How is your knee after the operation?", "Much better, I can walk without the crutches now."),
+    ("health", "I think I'm catching a cold.", "Stay in bed and have some hot tea with honey."),
+    ("health", "When is your appointment with the doctor?", "Thursday at half past nine."),
+    ("health", "I went running for the first time in years.", "Well done, but don't overdo it tomorrow."),
+    ("health", "The pharmacy closes at six.", "Then I'll go now before they close."),
+    ("weather", "Do you think it will rain this afternoon?", "The forecast says showers after three, take an umbrella."),
+    ("weather", "It's so hot today, I can hardly breathe.", "Let's stay inside until the sun goes down."),
+    ("weather", "Look, it's snowing!", "The children will want to build a snowman."),
+    ("weather", "The wind blew the fence down last night.", "We'll need new posts, the old ones are rotten."),
+    ("weather", "What a beautiful morning.", "Perfect for a walk in the park."),
+    ("family", "Mum called, she wants us to visit on Sunday.", "Tell her we'll come for lunch."),
+    ("family", "What should we get Dad for his birthday?", "He's been wanting a new fishing rod."),
+    ("family", "The baby finally fell asleep.", "Great, let's keep our voices down."),
+    ("family", "Did the kids finish their homework?", "Almost, only the maths exercises are left."),
+    ("family", "My sister is getting married in June.", "Congratulations, where is the wedding?"),
+    ("family", "Grandma is moving in with us next month.", "We'll need to clear out the spare room."),
+    ("pets", "The cat hasn't eaten all day.", "Maybe we should take her to the vet."),
+    ("pets", "Can you walk the dog this evening?", "Yes, I'll take him round the park after dinner."),
+    ("pets", "The fish tank needs cleaning.", "I'll change the water on Sunday."),
+    ("leisure", "Have you seen the new film at the cinema?", "Not yet, is it any good?"),
+    ("leisure", "Do you want to play tennis tomorrow?", "Sure, I'll book the court for ten."),
+    ("leisure", "What are you reading at the moment?", "A detective novel set in Venice."),
+    ("leisure", "The concert tickets sold out in an hour.", "What a pity, I really wanted to go."),
+    ("leisure", "Who won the match last night?", "The home team, three goals to one."),
+    ("leisure", "I started learning the guitar.", "Nice, can you play any songs yet?"),
+    ("money", "The electricity bill is much higher this month.", "It's the heater, we left it on all week."),
+    ("money", "Can you lend me twenty until Friday?", "No problem, here you are."),
+    ("money", "The bank charged me for a transfer.", "Call them, they should refund it."),
+    ("money", "We need to save for the new car.", "Let's put some money aside every month."),
+    ("time", "What time is it?", "Nearly half past four."),
+    ("time", "Sorry I'm late, the bus broke down.", "Don't worry, we haven't started yet."),
+    ("time", "When does the school term start?", "On the second of September."),
+    ("time", "Can we move our meeting to next week?", "Tuesday afternoon works for me."),
+    ("phone", "My phone battery died in the middle of the call.", "I thought you had hung up on me."),
+    ("phone", "I dropped my phone and the screen cracked.", "There's a repair shop next to the station."),
+    ("phone", "Can you text me the address?", "Sent, it should be on your phone now."),
+    ("neighbours", "Someone parked in front of our garage again.", "Leave a note on their windscreen."),
+    ("neighbours", "The new neighbours invited us for a barbecue.", "How kind, we should bring a salad."),
+    ("neighbours", "There's a parcel for you at the neighbours'.", "Thanks, I'll pick it up tonight."),
+    ("school", "I failed my driving test.", "Don't give up, most people pass the second time."),
+    ("school", "The exam results come out tomorrow.", "Fingers crossed, I think you did well."),
+)
+
+def everyday_dialog() -> datasets.Dataset:
+    "The everyday exchanges as a dialog split (one context turn each), for evaluation only: never train or tune on them."
+    rows = {"conversation": [f"everyday#{i}" for i in range(len(EVERYDAY_EXCHANGES))],
+            "context": [[first] for _, first, _ in EVERYDAY_EXCHANGES],
+            "response": [reply for _, _, reply in EVERYDAY_EXCHANGES],
+            "category": [topic for topic, _, _ in EVERYDAY_EXCHANGES]}
+    return datasets.Dataset.from_dict(rows, features=DIALOG_FEATURES)
+
 
 # %% ../nbs/01_data.ipynb #0f50c8b6
 DIALOG_FORMAT = "jepa-lab-dialog/1"
