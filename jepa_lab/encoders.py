@@ -23,10 +23,10 @@ from .core import checking_values, torch_threads
 # %% auto #0
 __all__ = ['ATTENTION_BACKENDS', 'EncoderInputError', 'EncoderConfigError', 'Encoded', 'reference_attention', 'rope_tables',
            'rotate_half', 'apply_rope', 'SelfAttention', 'Block', 'init_weights', 'TextEncoderConfig', 'masked_mean',
-           'TextEncoder', 'sincos_positions_2d', 'ViTConfig', 'ViT', 'discretise', 'selective_scan_sequential',
-           'linear_scan', 'selective_scan', 'random_scan_inputs', 'SelectiveScanConfig', 'SelectiveScanBlock',
-           'benchmark_scan', 'vit_b16_config', 'text_base_config', 'build_encoder', 'count_parameters',
-           'TeacherMismatchError', 'ema_teacher', 'ema_update', 'momentum_schedule']
+           'TextEncoder', 'sincos_positions_2d', 'ViTConfig', 'patchify', 'ViT', 'discretise',
+           'selective_scan_sequential', 'linear_scan', 'selective_scan', 'random_scan_inputs', 'SelectiveScanConfig',
+           'SelectiveScanBlock', 'benchmark_scan', 'vit_b16_config', 'text_base_config', 'build_encoder',
+           'count_parameters', 'TeacherMismatchError', 'ema_teacher', 'ema_update', 'momentum_schedule']
 
 # %% ../nbs/04_encoders.ipynb #1a43f7d4
 class EncoderInputError(ValueError):
@@ -239,6 +239,12 @@ def _check_images(config: ViTConfig, images, keep):
         _require(keep.numel() > 0 and (not checking_values() or (int(keep.min()) >= 0 and int(keep.max()) < n)),
                  f"keep indices must lie in [0, {n}) for a {H}x{W} image with patch {config.patch_size}")
 
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    "Images (B, C, H, W) -> non-overlapping patches (B, N, C·p·p), row-major over the grid, in Conv2d weight order."
+    B, C, H, W = images.shape
+    x = images.view(B, C, H // patch, patch, W // patch, patch).permute(0, 2, 4, 1, 3, 5)   # (B, H/p, W/p, C, p, p)
+    return x.reshape(B, (H // patch) * (W // patch), C * patch * patch)
+
 class ViT(nn.Module):
     "Images (B, C, H, W) -> Encoded(patch tokens (B, N, D), pooled (B, D)); N = (H/p)(W/p), or K with `keep`."
     def __init__(self, config: ViTConfig | None = None):
@@ -259,9 +265,13 @@ class ViT(nn.Module):
 
     def forward(self, images, keep=None) -> Encoded:
         _check_images(self.config, images, keep)
-        x = self.patch_embed(images)                                       # (B, D, H/p, W/p)
-        x = x.flatten(2).transpose(1, 2) + self.positions(*x.shape[-2:])   # (B, N, D)
-        if keep is not None: x = x.gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))   # (B, K, D)
+        p = self.config.patch_size
+        patches, pos = patchify(images, p), self.positions(images.shape[2] // p, images.shape[3] // p)   # (B, N, C·p·p), (N, D)
+        if keep is not None:                                               # embed only the kept patches
+            patches = patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))   # (B, K, C·p·p)
+            pos = pos[keep]                                                # (B, K, D)
+        conv = self.patch_embed                                            # the patch convolution, as one matmul
+        x = F.linear(patches, conv.weight.flatten(1), conv.bias) + pos     # (B, N or K, D), contiguous
         for block in self.blocks: x = block(x)
         tokens = self.norm(x)
         return Encoded(tokens, tokens.mean(1))

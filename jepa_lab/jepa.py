@@ -20,7 +20,8 @@ from .distributed import distributed_train_loop, gather_constants, gather_featur
 from .encoders import (Block, TextEncoder, TextEncoderConfig, ViT, ViTConfig, ema_teacher,
                                ema_update, init_weights, momentum_schedule, sincos_positions_2d,
                                text_base_config, vit_b16_config)
-from .losses import REGRESSION_KINDS, collapse_report, info_nce_loss, latent_regression_loss, vicreg_loss
+from .losses import (REGRESSION_KINDS, collapse_report, info_nce_loss, latent_regression_loss,
+                             sigreg_loss, variance_covariance, vicreg_loss)
 from .world import COLOURS, DIRECTIONS, SHAPES, LabState, LabWorld, random_policy
 
 # %% auto #0
@@ -235,12 +236,17 @@ class JEPAConfig:
     predictor_depth: int = 2
     predictor_heads: int = 4
     reg_on: str = "pooled"         # images: "pooled" latents, or "tokens" centred per patch position (see below)
+    regularizer: str = "vicreg"    # anti-collapse: "vicreg" (variance + covariance) or "sigreg" (LeJEPA's Epps–Pulley)
+    sigreg_weight: float = 0.05    # weight of SIGReg (regularizer="sigreg"), LeJEPA's λ
 
     def __post_init__(self):
         if self.reg_on not in ("pooled", "tokens"): raise ValueError(f"JEPAConfig.reg_on {self.reg_on!r}: 'pooled' or 'tokens'")
         if self.loss not in (*REGRESSION_KINDS, "info_nce"):
             raise ValueError(f"JEPAConfig.loss {self.loss!r}: choose one of {REGRESSION_KINDS} or 'info_nce'")
-        if min(self.var_weight, self.cov_weight) < 0: raise ValueError("JEPAConfig: var_weight and cov_weight must be >= 0")
+        if min(self.var_weight, self.cov_weight, self.sigreg_weight) < 0:
+            raise ValueError("JEPAConfig: var_weight, cov_weight and sigreg_weight must be >= 0")
+        if self.regularizer not in ("vicreg", "sigreg"):
+            raise ValueError(f"JEPAConfig.regularizer {self.regularizer!r}: choose 'vicreg' or 'sigreg'")
 
 class JEPAStep(NamedTuple):
     "What one forward pass of a JEPA returns."
@@ -271,14 +277,18 @@ class JEPA(nn.Module):
     def regularizer(self, student: torch.Tensor, predicted: torch.Tensor) -> tuple[torch.Tensor, dict]:
         "VICReg variance + covariance terms on student latents and predictions (rows (N, D): samples or tokens), weighted."
         c = self.config
+        if c.regularizer == "sigreg":                                               # SIGReg on each set of rows
+            s = (sigreg_loss(student.float()) + sigreg_loss(predicted.float())) / 2
+            return c.sigreg_weight * s, {"sigreg": s.detach()}
         if c.var_weight == 0 and c.cov_weight == 0: return student.new_zeros(()), {}
         terms = lambda a, b: vicreg_loss(a.float(), b.float(), sim_coeff=0.0, std_coeff=c.var_weight, cov_coeff=c.cov_weight)
         if student.shape == predicted.shape:
             t = terms(student, predicted)
             return t.loss, {"variance": t.variance.detach(), "covariance": t.covariance.detach()}
-        a, b = terms(student, student), terms(predicted, predicted)                  # row counts differ: each set alone
-        return (a.loss + b.loss) / 2, {"variance": (a.variance + b.variance).detach() / 2,
-                                       "covariance": (a.covariance + b.covariance).detach() / 2}
+        # row counts differ: each set alone, its terms computed once (weighted as vicreg_loss(z, z) weighs them)
+        (va, ca), (vb, cb) = variance_covariance(student.float()), variance_covariance(predicted.float())
+        variance, covariance = (va + vb) / 2, ca + cb
+        return c.var_weight * variance + c.cov_weight * covariance, {"variance": variance.detach(), "covariance": covariance.detach()}
 
     def distance(self, pred, target, mask=None, contrastive: bool = False) -> torch.Tensor:
         "The prediction term: latent regression to the layer-normed target, or InfoNCE over the batch if asked and configured."

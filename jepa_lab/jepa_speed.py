@@ -5,6 +5,7 @@
 # %% ../nbs/06c_jepa_speed.ipynb #b8b2c7d7
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -18,7 +19,8 @@ from .jepa import (BENCH_SIZES, ImageJEPA, JEPAConfig, MultiBlockConfig, MultiBl
 
 
 # %% auto #0
-__all__ = ['GPU_STEP_PLAN', 'measure_matmul_peak', 'benchmark_jepa_step', 'benchmark_timm_vit_step', 'gpu_step_table']
+__all__ = ['GPU_STEP_PLAN', 'measure_matmul_peak', 'benchmark_jepa_step', 'benchmark_timm_vit_step', 'gpu_step_table',
+           'profile_jepa_step']
 
 # %% ../nbs/06c_jepa_speed.ipynb #06373f01
 def _sync(device: torch.device):
@@ -37,9 +39,9 @@ def measure_matmul_peak(dtype=torch.bfloat16, n: int | None = None, device=None,
 
 
 # %% ../nbs/06c_jepa_speed.ipynb #3600c75b
-def _bench_model(kind: str, size: str):
+def _bench_model(kind: str, size: str, predictor: tuple | None = None):
     spec = BENCH_SIZES[kind, size]
-    dim, depth, heads = spec["predictor"]
+    dim, depth, heads = predictor or spec["predictor"]
     jc = JEPAConfig(predictor_dim=dim, predictor_depth=depth, predictor_heads=heads)
     if kind == "image": return ImageJEPA(spec["encoder"], jc), spec
     return TextJEPA(spec["encoder"], jc, max_span_tokens=spec.get("max_span_tokens")), spec
@@ -69,7 +71,8 @@ def _shapes(batch) -> tuple:
     if torch.is_tensor(batch): return tuple(batch.shape)
     return tuple(_shapes(b) for b in batch) if isinstance(batch, (tuple, list)) else ()
 
-def _flops_and_step_time(fwd_bwd: Callable, step: Callable, batches: list, warmup: int, device) -> tuple[float, float]:
+def _flops_and_step_time(fwd_bwd: Callable, step: Callable, batches: list, warmup: int, device,
+                         timed_region=contextlib.nullcontext) -> tuple[float, float]:
     "Mean FLOPs (one eager forward + backward counted per distinct batch shape) and seconds per `step(batch)` over `batches`."
     from torch.utils.flop_counter import FlopCounterMode
     flops = {}
@@ -79,9 +82,10 @@ def _flops_and_step_time(fwd_bwd: Callable, step: Callable, batches: list, warmu
             flops[key] = counter.get_total_flops()
             step(b)                                                     # compiles this shape (once) outside the timing
     for i in range(warmup): step(batches[i % len(batches)])             # autotune, allocator warm-up
-    _sync(device); t0 = time.perf_counter()
-    for b in batches: step(b)
-    _sync(device)
+    with timed_region():
+        _sync(device); t0 = time.perf_counter()
+        for b in batches: step(b)
+        _sync(device)
     return sum(flops[_shapes(b)] for b in batches) / len(batches), (time.perf_counter() - t0) / len(batches)
 
 def _report_step(result: dict, label: str) -> dict:
@@ -96,12 +100,22 @@ def _report_step(result: dict, label: str) -> dict:
 def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | None = None, steps: int = 10,
                         compile: bool = False, dtype: str = "auto", device: str = "auto", seq_len: int | None = None,
                         warmup: int = 3, peak_tflops: float | None = None, compile_mode: str | None = None,
-                        context_keep: int | str | None = "auto") -> dict:
-    "Time full JEPA training steps and count their FLOPs; prints samples/s, TFLOP/s and MFU against the matmul peak."
+                        context_keep: int | str | None = "auto", predictor: tuple | None = None,
+                        matmul_precision: str | None = None, profile_rows: int = 0) -> dict:
+    """Time full JEPA training steps and count their FLOPs; prints samples/s, TFLOP/s and MFU against the matmul peak.
+    `predictor` = (width, depth, heads) overrides the size's predictor; `matmul_precision` ("high": TF32) applies to the
+    float32 matmuls that remain under bf16 autocast (the loss's covariance), for this call only. `profile_rows` > 0
+    profiles the timed steps only (not compilation or warm-up) and keeps the top operators' table in `result["profile"]`."""
     from jepa_lab.core import pick_device, pick_dtype
     if (kind, size) not in BENCH_SIZES: raise ValueError(f"unknown kind/size {(kind, size)}; choose from {sorted(BENCH_SIZES)}")
+    if matmul_precision is not None:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(matmul_precision)
+        try: return benchmark_jepa_step(kind, size, batch, steps, compile, dtype, device, seq_len, warmup, peak_tflops,
+                                        compile_mode, context_keep, predictor, None, profile_rows)
+        finally: torch.set_float32_matmul_precision(before)
     dev = pick_device(device); dt = pick_dtype(dtype, dev)
-    model, spec = _bench_model(kind, size)
+    model, spec = _bench_model(kind, size, predictor)
     model.to(dev)
     batch = batch or spec["batch"]
     seq_len = seq_len or spec.get("seq_len", getattr(spec["encoder"], "max_len", 0))
@@ -116,12 +130,15 @@ def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | No
         with autocast(dev, dt): out = forward(*b)
         opt.zero_grad(set_to_none=True); out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0); opt.step(); model.update_teacher(0.996)
-    flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev)
+    profiler = _step_profiler(dev) if profile_rows else None
+    flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev, (lambda: profiler) if profiler else contextlib.nullcontext)
     peak = peak_tflops or measure_matmul_peak(dt if dev.type == "cuda" else torch.float32, device=dev)
-    result = dict(kind=kind, size=size, device=str(dev), dtype=str(dt).replace("torch.", ""), compile=compile_mode or compile,
+    if profiler: print(table := _profile_table(profiler, dev, profile_rows))
+    result = dict(profile=table if profiler else None, kind=kind, size=size, device=str(dev), dtype=str(dt).replace("torch.", ""), compile=compile_mode or compile,
                   batch=batch, params_m=count_parameters(model.student) / 1e6, step_ms=seconds * 1e3,
                   samples_per_s=batch / seconds, gflop_per_step=flops / 1e9, tflops=flops / seconds / 1e12, peak_tflops=peak,
-                  context_keep=keep)
+                  context_keep=keep, predictor=tuple(predictor or spec["predictor"]),
+                  matmul_precision=torch.get_float32_matmul_precision())
     return _report_step(result, f"{kind} JEPA {size}" + (f", {seq_len} tokens" if kind == "text" else f", context {keep or 'batch min'}"))
 
 # %% ../nbs/06c_jepa_speed.ipynb #662eb151
@@ -158,6 +175,14 @@ GPU_STEP_PLAN = [
     ("image JEPA ViT-B/16, bf16 eager", benchmark_jepa_step, dict(kind="image", size="base", batch=256)),
     ("image JEPA ViT-B/16, bf16 compiled", benchmark_jepa_step, dict(kind="image", size="base", batch=256, compile=True)),
     ("image JEPA ViT-B/16, bf16 compiled, batch 512", benchmark_jepa_step, dict(kind="image", size="base", batch=512, compile=True)),
+    ("image JEPA, compiled, TF32 for the fp32 covariance", benchmark_jepa_step,
+     dict(kind="image", size="base", batch=256, compile=True, matmul_precision="high")),
+    ("image JEPA, compiled, TF32, max-autotune", benchmark_jepa_step,
+     dict(kind="image", size="base", batch=256, compile=True, matmul_precision="high", compile_mode="max-autotune-no-cudagraphs")),
+    ("image JEPA, compiled, TF32, predictor 768 wide", benchmark_jepa_step,
+     dict(kind="image", size="base", batch=256, compile=True, matmul_precision="high", predictor=(768, 6, 12))),
+    ("image JEPA, compiled, TF32, predictor 768 wide, batch 512", benchmark_jepa_step,
+     dict(kind="image", size="base", batch=512, compile=True, matmul_precision="high", predictor=(768, 6, 12))),
     ("text JEPA 98 M, fp32 eager", benchmark_jepa_step, dict(kind="text", size="base", dtype="float32", steps=6)),
     ("text JEPA 98 M, bf16 eager", benchmark_jepa_step, dict(kind="text", size="base")),
     ("text JEPA 98 M, bf16 compiled", benchmark_jepa_step, dict(kind="text", size="base", compile=True)),
@@ -178,3 +203,18 @@ def gpu_step_table(plan: list = GPU_STEP_PLAN, only: str | None = None) -> list:
         print(f"| {r['label']} | error: {r['error']} |" if "error" in r else
               f"| {r['label']} | {r['batch']} | {r['step_ms']:.1f} | {r['samples_per_s']:,.0f} | {r['tflops']:.1f} | {r['mfu']:.1%} |")
     return rows
+
+# %% ../nbs/06c_jepa_speed.ipynb #169d3f7c
+def _step_profiler(device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+    return profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else []))
+
+def _profile_table(profiler, device: torch.device, rows: int) -> str:
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=70)
+
+def profile_jepa_step(kind: str = "image", size: str = "tiny", batch: int | None = None, steps: int = 4, rows: int = 20,
+                      **benchmark_kwargs) -> str:
+    "The top `rows` operators by self device time (CUDA if present, else CPU) over `steps` timed JEPA steps."
+    return benchmark_jepa_step(kind, size, batch, steps=steps, profile_rows=rows, **benchmark_kwargs)["profile"]
+

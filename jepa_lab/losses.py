@@ -18,9 +18,9 @@ from .core import checking_values, torch_threads
 
 # %% auto #0
 __all__ = ['REGRESSION_KINDS', 'COLLAPSE_MIN_RANK_FRACTION', 'COLLAPSE_MIN_STD', 'LossInputError', 'latent_regression_loss',
-           'VICRegTerms', 'vicreg_loss', 'InfoNCEResult', 'info_nce_loss', 'epps_pulley_grid', 'epps_pulley',
-           'sigreg_loss', 'sigreg_null_mean', 'benchmark_losses', 'effective_rank', 'mean_pairwise_cosine',
-           'collapse_report', 'CollapseAlarm']
+           'VICRegTerms', 'vicreg_loss', 'variance_covariance', 'InfoNCEResult', 'info_nce_loss', 'epps_pulley_grid',
+           'epps_pulley', 'sigreg_loss', 'sigreg_null_mean', 'benchmark_losses', 'effective_rank',
+           'mean_pairwise_cosine', 'collapse_report', 'CollapseAlarm']
 
 # %% ../nbs/05_losses.ipynb #81b08807
 class LossInputError(ValueError):
@@ -102,6 +102,13 @@ def vicreg_loss(z_a: torch.Tensor, z_b: torch.Tensor, sim_coeff: float = 25.0, s
     covariance = _covariance_term(z_a) + _covariance_term(z_b)
     loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
     return VICRegTerms(loss, invariance, variance, covariance)
+
+# %% ../nbs/05_losses.ipynb #e3883755
+def variance_covariance(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    "VICReg's variance term v(Z) and covariance term c(Z) of one set of rows (N, D), each computed once."
+    _check_batch(z, "z", what="the variance and covariance terms")
+    return _variance_term(z, gamma, eps), _covariance_term(z)
+
 
 # %% ../nbs/05_losses.ipynb #244557a6
 class InfoNCEResult(NamedTuple):
