@@ -21,17 +21,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .core import Run, _write_json, load_checkpoint, seed_everything, train_loop
+from .core import Run, _write_json, seed_everything, train_loop
 from .encoders import ViTConfig
 from .jepa import ImageJEPA, JEPAConfig, adamw
+from .jepa_eval import load_or_train_image_jepa
 from .tokenize import frames_to_tensor
 from .world import ACTIONS, LabWorld, Triplet, _png, describe_scene, lab_trajectories
 from .world_model import LatentTransition
 
 # %% auto #0
-__all__ = ['LESSON06_VIT', 'IMAGE_JEPA_CHECKPOINT', 'DREAM_GRAPH_FORMAT', 'DREAM_GRAPH_GLOBS', 'DreamError', 'frame_encoder',
-           'LabWalks', 'lab_walks', 'SituationBank', 'TransitionSet', 'walk_transitions', 'MoEConfig', 'MoEOutput',
-           'expert_capacity', 'capacity_keep', 'switch_balance_loss', 'DreamingMoE', 'dense_moe_forward',
+__all__ = ['LESSON06_VIT', 'IMAGE_JEPA_CHECKPOINT', 'ENCODERS', 'DREAM_GRAPH_FORMAT', 'DREAM_GRAPH_GLOBS', 'DreamError',
+           'frame_encoder', 'LabWalks', 'lab_walks', 'SituationBank', 'TransitionSet', 'walk_transitions', 'MoEConfig',
+           'MoEOutput', 'expert_capacity', 'capacity_keep', 'switch_balance_loss', 'DreamingMoE', 'dense_moe_forward',
            'benchmark_moe', 'MoETrainConfig', 'entropy', 'routing_stats', 'moe_loss', 'train_moe', 'evaluate_moe',
            'plot_expert_usage', 'balance_ablation', 'DreamTriplet', 'dream_step', 'dream', 'dream_graph',
            'save_dream_graph', 'load_dream_graph', 'latest_dream_graph', 'component_grid_layout', 'plot_dream_graph',
@@ -44,15 +45,25 @@ class DreamError(ValueError):
 LESSON06_VIT = ViTConfig(image_size=64, patch_size=8, dim=64, depth=2, heads=4)   # lesson 06's tiny image JEPA
 IMAGE_JEPA_CHECKPOINT = "image_jepa.safetensors"
 
-def frame_encoder(models_path: Path, seed: int = 0) -> tuple[ImageJEPA, str]:
-    "Lesson 06's image JEPA from `models_path/image_jepa.safetensors` if present, else the same ViT at a seeded random init."
+def _encoder_name(manifest: dict, path: Path, trained_here: bool) -> str:
+    "One line saying which image JEPA this is."
+    held = ((manifest.get("probes") or {}).get("held_out") or {}).get("trained JEPA", {})
+    probe = f", held-out probe position {held['position (row, col)']:.2f}" if "position (row, col)" in held else ""
+    return (f"image JEPA {'trained here and saved to' if trained_here else 'loaded from'} {path} ({manifest['steps']} steps, "
+            f"ViT dim {manifest['vit']['dim']} depth {manifest['vit']['depth']}, seed {manifest['seed']}{probe})")
+
+ENCODERS = ("random", "trained")
+
+def frame_encoder(models_path: Path, seed: int = 0, source: str = "random", run: Run | None = None) -> tuple[ImageJEPA, str]:
+    "A frozen frame encoder and a line naming it: `trained` = the image JEPA in `models_path` (trained and saved if missing), `random` = a seeded random-init ViT."
+    if source not in ENCODERS: raise DreamError(f"encoder {source!r}: choose one of {ENCODERS}")
+    path = Path(models_path) / IMAGE_JEPA_CHECKPOINT
+    if source == "trained":
+        model, manifest, trained_here = load_or_train_image_jepa(models_path, seed, run)
+        return model.eval(), _encoder_name(manifest, path, trained_here)
     torch.manual_seed(seed)
     model = ImageJEPA(LESSON06_VIT, JEPAConfig(predictor_dim=32))
-    path = Path(models_path) / IMAGE_JEPA_CHECKPOINT
-    if path.exists():
-        load_checkpoint(path, model, restore_rng=False)                              # strict: names any wrong key
-        return model.eval(), f"image JEPA checkpoint {path}"
-    return model.eval(), f"frozen random-init ViT (lesson 06's tiny config, seed {seed}); no {path}"
+    return model.eval(), f"frozen random-init ViT (lesson 06's tiny config, seed {seed}), chosen with encoder='random'"
 
 # %% ../nbs/08_dreams.ipynb #cd832924
 @dataclass

@@ -5,11 +5,16 @@
 # %% ../nbs/06b_jepa_eval.ipynb #1513e44c
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import tempfile
+import time
 import warnings
 from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Callable
 
 import matplotlib.pyplot as plt
@@ -18,13 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .jepa import DialogTensors, TextJEPA
+from .core import Run, _write_json, data_hash, load_checkpoint, save_checkpoint, seed_everything, torch_threads
+from .encoders import TextEncoderConfig, ViTConfig
+from .jepa import (PROBE_LABELS, DialogTensors, ImageJEPA, JEPAConfig, MultiBlockConfig, TextJEPA, TrainConfig,
+                           frame_labels, image_batches, labelled_frames, train_jepa)
+from .tokenize import frames_to_tensor
+from .world import LabWorld, random_policy
 
 
 # %% auto #0
-__all__ = ['candidate_set', 'retrieval_metrics', 'cosine_scores', 'alignment', 'TfIdf', 'MiniLMError', 'MiniLM', 'minilm_dir',
-           'load_minilm', 'linear_probe', 'probe_table', 'majority_accuracy', 'umap_2d', 'plot_latent_map',
-           'plot_diagnostics', 'evaluate_text_jepa', 'scores_by_texts', 'probe_image_encoder']
+__all__ = ['PROBE_L2_GRID', 'READOUTS', 'IMAGE_JEPA_FORMAT', 'TEXT_JEPA_FORMAT', 'candidate_set', 'retrieval_metrics',
+           'cosine_scores', 'alignment', 'TfIdf', 'MiniLMError', 'MiniLM', 'minilm_dir', 'load_minilm', 'ProbeFit',
+           'validation_split', 'fit_probe', 'linear_probe', 'probe_table', 'majority_accuracy', 'umap_2d',
+           'plot_latent_map', 'plot_diagnostics', 'evaluate_text_jepa', 'scores_by_texts', 'labelled_worlds',
+           'pool_tokens', 'image_features', 'probe_image_encoder', 'ImageJEPARecipe', 'build_image_jepa',
+           'pretrain_frames', 'train_image_jepa', 'file_sha256', 'save_image_jepa', 'load_image_jepa',
+           'load_or_train_image_jepa', 'save_text_jepa', 'load_text_jepa']
 
 # %% ../nbs/06b_jepa_eval.ipynb #4ad756f3
 def candidate_set(responses: list) -> tuple[list, torch.Tensor]:
@@ -163,22 +177,90 @@ def load_minilm(max_length: int = 256) -> MiniLM:
     return model.eval()
 
 # %% ../nbs/06b_jepa_eval.ipynb #aad05408
-def linear_probe(train_x, train_y, test_x, test_y, l2: float = 1e-3, steps: int = 200) -> float:
-    "Test accuracy of multinomial logistic regression fitted (L-BFGS, L2 penalty) on standardised frozen features."
-    train_x, test_x = torch.as_tensor(train_x, dtype=torch.float32), torch.as_tensor(test_x, dtype=torch.float32)
-    train_y, test_y = torch.as_tensor(train_y, dtype=torch.long), torch.as_tensor(test_y, dtype=torch.long)
-    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-    xtr, xte = (train_x - mean) / std, (test_x - mean) / std
-    classes = int(max(train_y.max(), test_y.max())) + 1
-    head = nn.Linear(xtr.shape[1], classes)
-    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe")
+PROBE_L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)   # L2 strengths the validation split chooses from
+
+@dataclass
+class ProbeFit:
+    "A linear probe fitted with its L2 strength chosen on a validation split, then refitted on all training rows."
+    accuracy: float          # on the held-out rows
+    train_accuracy: float    # on all training rows, after the refit: far above `accuracy` = the probe memorises
+    l2: float                # the chosen strength
+    val_accuracy: float      # validation accuracy at that strength
+    curve: dict              # {l2: validation accuracy} over the grid
+
+def _probe_inputs(train_x, train_y, test_x, test_y) -> tuple:
+    "Features (N, F) float32 and labels (N,) long as tensors, after checking that they belong together."
+    xs = [torch.as_tensor(np.asarray(x) if not torch.is_tensor(x) else x).float().cpu() for x in (train_x, test_x)]
+    ys = [torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y).cpu() for y in (train_y, test_y)]
+    for part, x, y in zip(("train", "test"), xs, ys):
+        if x.ndim != 2 or y.ndim != 1: raise ValueError(f"probe {part}: features must be (N, F) and labels (N,), got {tuple(x.shape)} and {tuple(y.shape)}")
+        if len(x) == 0: raise ValueError(f"probe {part}: no rows; give at least one labelled frame")
+        if len(x) != len(y): raise ValueError(f"probe {part}: {len(x)} feature rows but {len(y)} labels; pass one label per row")
+        if not torch.isfinite(x).all(): raise ValueError(f"probe {part}: features contain NaN or inf; check the encoder's output")
+        if y.is_floating_point() and not torch.equal(y, y.round()): raise ValueError(f"probe {part}: labels must be integer classes")
+        if y.min() < 0: raise ValueError(f"probe {part}: labels must be class indices >= 0, got {int(y.min())}")
+    if xs[0].shape[1] != xs[1].shape[1]:
+        raise ValueError(f"probe: train features have {xs[0].shape[1]} columns, test features {xs[1].shape[1]}; embed both the same way")
+    return xs[0], ys[0].long(), xs[1], ys[1].long()
+
+def _standardise(fit_x: torch.Tensor, *others) -> list:
+    "Every array minus `fit_x`'s column mean, over its column std (+1e-6)."
+    mean, std = fit_x.mean(0), fit_x.std(0) + 1e-6
+    return [(x - mean) / std for x in (fit_x, *others)]
+
+def _logistic(x, y, classes: int, l2: float, steps: int, head: nn.Linear | None = None) -> nn.Linear:
+    "Multinomial logistic regression (L-BFGS, penalty l2·‖W‖²), warm-started from `head` if given."
+    head = head or nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(head.parameters(), lr=1, max_iter=steps, history_size=10, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-5, tolerance_change=1e-7)
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(head(xtr), train_y) + l2 * head.weight.square().sum()
+        loss = F.cross_entropy(head(x), y) + l2 * head.weight.square().sum()
         loss.backward()
         return loss
     with torch.enable_grad(): opt.step(closure)
-    with torch.no_grad(): return float((head(xte).argmax(1) == test_y).float().mean())
+    return head
+
+@torch.no_grad()
+def _accuracy(head: nn.Linear, x, y) -> float: return float((head(x).argmax(1) == y).float().mean())
+
+def validation_split(groups, fraction: float = 0.2, seed: int = 0) -> np.ndarray:
+    "(N,) bool, True = validation row: a seeded `fraction` of the distinct groups (worlds), whole groups on one side."
+    groups = np.asarray(groups)
+    distinct = np.unique(groups)
+    if not 0 < fraction < 1: raise ValueError(f"validation fraction must lie in (0, 1), got {fraction}")
+    if len(distinct) < 2: raise ValueError(f"a validation split needs at least 2 groups (worlds), got {len(distinct)}")
+    n_val = min(max(1, int(round(fraction * len(distinct)))), len(distinct) - 1)
+    chosen = np.random.default_rng(seed).permutation(distinct)[:n_val]
+    return np.isin(groups, chosen)
+
+def fit_probe(train_x, train_y, test_x, test_y, groups=None, l2_grid=PROBE_L2_GRID, val_fraction: float = 0.2,
+              steps: int = 200, seed: int = 0, threads: int = 1) -> ProbeFit:
+    "Linear probe whose L2 strength is chosen on a validation split of the training rows by `groups` (e.g. world ids; None: rows)."
+    train_x, train_y, test_x, test_y = _probe_inputs(train_x, train_y, test_x, test_y)
+    groups = np.arange(len(train_x)) if groups is None else np.asarray(groups)
+    if len(groups) != len(train_x): raise ValueError(f"probe: {len(groups)} group ids for {len(train_x)} training rows; pass one per row")
+    if len(l2_grid) == 0 or min(l2_grid) <= 0: raise ValueError(f"probe: l2_grid must hold positive strengths, got {l2_grid}")
+    val = torch.as_tensor(validation_split(groups, val_fraction, seed))
+    classes = int(max(train_y.max(), test_y.max())) + 1
+    grid, head, curve = sorted(l2_grid, reverse=True), None, {}
+    with torch_threads(threads):                                 # tiny matrices: one thread, no stalls on busy cores
+        fit, held = _standardise(train_x[~val], train_x[val])
+        for l2 in grid:                                          # strong to weak, each fit warm-started from the last
+            head = _logistic(fit, train_y[~val], classes, l2, steps, head)
+            curve[l2] = _accuracy(head, held, train_y[val])
+        best = max(grid, key=lambda l2: (curve[l2], l2))         # ties: the stronger penalty
+        xtr, xte = _standardise(train_x, test_x)
+        head = _logistic(xtr, train_y, classes, best, steps)
+        return ProbeFit(_accuracy(head, xte, test_y), _accuracy(head, xtr, train_y), best, curve[best], curve)
+
+def linear_probe(train_x, train_y, test_x, test_y, l2: float = 1e-3, steps: int = 200) -> float:
+    "Held-out accuracy of a probe with a *fixed* L2 strength (`fit_probe` chooses it on a validation split instead)."
+    train_x, train_y, test_x, test_y = _probe_inputs(train_x, train_y, test_x, test_y)
+    xtr, xte = _standardise(train_x, test_x)
+    head = _logistic(xtr, train_y, int(max(train_y.max(), test_y.max())) + 1, l2, steps)
+    return _accuracy(head, xte, test_y)
+
 
 def probe_table(features: dict, train_labels: dict, test_labels: dict, split: int) -> dict:
     "{feature name: {label: accuracy}} for features (N, F) whose first `split` rows train and the rest test."
@@ -253,9 +335,195 @@ def scores_by_texts(embed: Callable, data: DialogTensors) -> dict:
     unique, where = candidate_set(data.responses)
     return retrieval_metrics(cosine_scores(torch.as_tensor(embed(data.contexts)), torch.as_tensor(embed(unique))), where)
 
+# %% ../nbs/06b_jepa_eval.ipynb #c61320ba
+def labelled_worlds(n_worlds: int, seed: int = 0, steps: int = 7, size: int = 64) -> tuple[np.ndarray, dict, np.ndarray]:
+    "`labelled_frames` plus the world index (N,) of every frame: the groups a validation split must keep whole."
+    world, frames, rows, worlds = LabWorld(size=size), [], [], []
+    for i in range(n_worlds):
+        rng = np.random.default_rng([seed, i])                                      # exactly labelled_frames' walks
+        obs, last = world.reset(int(rng.integers(2 ** 62))), None
+        for t in range(steps + 1):
+            if t: obs = world.step(random_policy(world, rng))
+            if last is None or (obs.image != last).any():
+                frames.append(obs.image); rows.append(frame_labels(world.state)); worlds.append(i)
+            last = obs.image
+    return np.stack(frames), {k: np.array([r[k] for r in rows]) for k in PROBE_LABELS}, np.array(worlds)
+
+# %% ../nbs/06b_jepa_eval.ipynb #83df8552
+READOUTS = ("mean", "mean+max", "mean+std")
+
+def pool_tokens(tokens: torch.Tensor, readout: str = "mean") -> torch.Tensor:
+    "Patch tokens (B, N, D) -> one vector per image: 'mean' (B, D), 'mean+max' or 'mean+std' over patches (B, 2D)."
+    if readout == "mean": return tokens.mean(1)
+    if readout == "mean+max": return torch.cat([tokens.mean(1), tokens.amax(1)], 1)
+    if readout == "mean+std": return torch.cat([tokens.mean(1), tokens.std(1)], 1)
+    raise ValueError(f"readout {readout!r}: choose one of {', '.join(READOUTS)}")
+
+@torch.no_grad()
+def image_features(model: ImageJEPA, images: torch.Tensor, readout: str = "mean", batch_size: int = 256) -> torch.Tensor:
+    "Frozen target-encoder features (N, F) of whole images (N, 3, H, W), pooled by `readout` (float32, CPU)."
+    enc, device = model.target_encoder.eval(), next(model.parameters()).device
+    return torch.cat([pool_tokens(enc(images[i:i + batch_size].to(device)).tokens.float(), readout).cpu()
+                      for i in range(0, len(images), batch_size)])
+
 # %% ../nbs/06b_jepa_eval.ipynb #a94080b8
 @torch.no_grad()
-def probe_image_encoder(embed: Callable, train_frames, train_labels: dict, test_frames, test_labels: dict) -> dict:
-    "{label: linear-probe test accuracy} of features `embed(frames) -> (N, D)`, plus 'majority' baselines."
+def probe_image_encoder(embed: Callable, train_frames, train_labels: dict, test_frames, test_labels: dict, groups=None, **probe) -> dict:
+    "{label: ProbeFit} of features `embed(frames) -> (N, F)`, each L2 strength chosen on a validation split by `groups` (world ids)."
     train_x, test_x = embed(train_frames).float().cpu(), embed(test_frames).float().cpu()
-    return {k: linear_probe(train_x, train_labels[k], test_x, test_labels[k]) for k in train_labels}
+    return {k: fit_probe(train_x, train_labels[k], test_x, test_labels[k], groups, **probe) for k in train_labels}
+
+# %% ../nbs/06b_jepa_eval.ipynb #1dc06bbf
+@dataclass
+class ImageJEPARecipe:
+    "How the experiment `image_jepa` trains its I-JEPA; the defaults are its CPU default (lesson 08 trains this recipe too)."
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 3e-4
+    warmup: int = 30
+    image_size: int = 64
+    patch_size: int = 8
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    predictor_dim: int = 32
+    predictor_depth: int = 2
+    n_targets: int = 4
+    allow_overlap: bool = False    # may the context see target patches? (I-JEPA: no)
+    loss: str = "smooth_l1"
+    reg_on: str = "tokens"
+    ema: bool = True
+    predictor: bool = True
+    varcov: bool = True
+    ema_start: float = 0.996
+    ema_end: float = 0.9999
+    pretrain_worlds: int = 400
+
+    def vit(self) -> ViTConfig:
+        return ViTConfig(image_size=self.image_size, patch_size=self.patch_size, dim=self.dim, depth=self.depth, heads=self.heads)
+
+    def jepa(self) -> JEPAConfig:
+        return JEPAConfig(loss=self.loss, ema=self.ema, predictor=self.predictor, var_weight=1.0 if self.varcov else 0.0,
+                          cov_weight=0.04 if self.varcov else 0.0, ema_start=self.ema_start, ema_end=self.ema_end,
+                          predictor_dim=self.predictor_dim, predictor_depth=self.predictor_depth, reg_on=self.reg_on)
+
+    def masks(self) -> MultiBlockConfig:
+        grid = (self.image_size // self.patch_size,) * 2
+        return MultiBlockConfig(grid=grid, n_targets=self.n_targets, min_keep=max(4, grid[0] * grid[1] // 20), allow_overlap=self.allow_overlap)
+
+    @classmethod
+    def from_params(cls, params: dict) -> "ImageJEPARecipe":
+        "The recipe named by an experiment's parameters (other keys are ignored)."
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+def build_image_jepa(recipe: ImageJEPARecipe, seed: int = 0) -> ImageJEPA:
+    "The recipe's ImageJEPA at its seeded random initialisation (seeds python, numpy and torch)."
+    seed_everything(seed)
+    return ImageJEPA(recipe.vit(), recipe.jepa())
+
+def pretrain_frames(recipe: ImageJEPARecipe, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    "The JEPA's unlabelled training frames (N, 3, H, W): `recipe.pretrain_worlds` walks from worlds seeded `seed + 20_000`, and their description."
+    frames = frames_to_tensor(labelled_frames(recipe.pretrain_worlds, seed=seed + 20_000, size=recipe.image_size)[0])
+    return frames, {"description": "frames of 8-frame random-policy walks in lab worlds (jepa.labelled_frames), unlabelled",
+                    "worlds": recipe.pretrain_worlds, "world_seed": seed + 20_000, "frames": len(frames),
+                    "image_size": recipe.image_size, "hash": data_hash(frames)}
+
+def train_image_jepa(model: ImageJEPA, recipe: ImageJEPARecipe, frames: torch.Tensor, run: Run, device: torch.device,
+                     dtype: torch.dtype = torch.float32, seed: int = 0, config: dict | None = None, compile: bool = False,
+                     log_every: int = 10, ckpt_every: int = 200) -> float:
+    "Train `model` on `frames` (N, 3, H, W) with the recipe's optimiser and masks (resumes from `run`); returns the seconds it took."
+    t0 = time.perf_counter()
+    train_jepa(model, image_batches(frames, recipe.batch_size, recipe.masks(), device, seed),
+               TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, log_every=log_every,
+                           ckpt_every=ckpt_every, compile=compile),
+               run, device, dtype, config=config or asdict(recipe), data_hash=data_hash(frames), desc="image jepa")
+    return time.perf_counter() - t0
+
+# %% ../nbs/06b_jepa_eval.ipynb #3807da0c
+IMAGE_JEPA_FORMAT = "jepa-lab-image-jepa/1"
+
+def file_sha256(path) -> str:
+    "The sha256 of a file's bytes (hex): the manifest's content hash."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""): h.update(block)
+    return h.hexdigest()
+
+def save_image_jepa(folder, model: ImageJEPA, recipe: ImageJEPARecipe, *, seed: int, data: dict, probes: dict | None = None,
+                    name: str = "image_jepa") -> Path:
+    "Write `folder/name.safetensors` (the whole ImageJEPA) and its manifest `folder/name.json`; returns the weights' path."
+    folder = Path(folder)
+    weights = save_checkpoint(folder / f"{name}.safetensors", model, step=recipe.steps, config=asdict(recipe),
+                              data_hash=data.get("hash", ""), rng=False)
+    _write_json(folder / f"{name}.json", {
+        "format": IMAGE_JEPA_FORMAT, "weights": weights.name, "sha256": file_sha256(weights),
+        "vit": asdict(model.student.config), "jepa": asdict(model.config), "recipe": asdict(recipe), "seed": seed,
+        "steps": recipe.steps, "data": data, "probes": probes, "evaluate": "ImageJEPA.embed, or jepa_eval.image_features",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return weights
+
+def load_image_jepa(folder, name: str = "image_jepa") -> tuple[ImageJEPA, dict]:
+    "The ImageJEPA saved by `save_image_jepa`: architecture from the manifest, weights loaded strictly, content hash checked."
+    folder = Path(folder)
+    weights, manifest_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if not weights.is_file(): raise FileNotFoundError(f"{weights} does not exist: run experiments/image_jepa (it saves one) or train one here")
+    if not manifest_path.is_file():
+        raise ValueError(f"{weights} has no manifest {manifest_path.name} beside it, so its architecture is unknown: "
+                         f"re-run experiments/image_jepa to write both, or delete the weights")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != IMAGE_JEPA_FORMAT:
+        raise ValueError(f"{manifest_path} is not an image-JEPA manifest (format {manifest.get('format')!r}, expected {IMAGE_JEPA_FORMAT!r})")
+    if file_sha256(weights) != manifest["sha256"]:
+        raise ValueError(f"{weights} does not match the sha256 in {manifest_path.name}: the file changed after the manifest was "
+                         f"written; re-run experiments/image_jepa, or delete both files to train a fresh one")
+    model = ImageJEPA(ViTConfig(**manifest["vit"]), JEPAConfig(**manifest["jepa"]))
+    load_checkpoint(weights, model, restore_rng=False)                               # strict: names any wrong key or shape
+    return model.eval(), manifest
+
+def load_or_train_image_jepa(folder, seed: int = 0, run: Run | None = None, device=None,
+                             recipe: ImageJEPARecipe = ImageJEPARecipe(), name: str = "image_jepa") -> tuple[ImageJEPA, dict, bool]:
+    "The saved image JEPA of `folder`; if there is none, train `recipe` (the experiment's CPU default) on its frames and save it. -> (model, manifest, trained here)."
+    if (Path(folder) / f"{name}.safetensors").exists(): return *load_image_jepa(folder, name), False
+    device = torch.device(device or "cpu")
+    frames, data = pretrain_frames(recipe, seed)
+    model = build_image_jepa(recipe, seed).to(device)
+    run = run or Run(Path(tempfile.mkdtemp(prefix="image_jepa-")))
+    train_image_jepa(model, recipe, frames, run, device, seed=seed, ckpt_every=recipe.steps)
+    save_image_jepa(folder, model.cpu(), recipe, seed=seed, data=data, name=name)
+    return *load_image_jepa(folder, name), True
+
+# %% ../nbs/06b_jepa_eval.ipynb #6375d2a2
+TEXT_JEPA_FORMAT = "jepa-lab-text-jepa/1"
+
+def save_text_jepa(folder, model: TextJEPA, tokenizer, *, seed: int, recipe: dict, data: dict, results: dict | None = None,
+                   name: str = "text_jepa") -> Path:
+    "Write `folder/name.safetensors` (the whole TextJEPA), its BPE `name-bpe.json` and manifest `name.json`; returns the weights' path."
+    folder = Path(folder)
+    weights = save_checkpoint(folder / f"{name}.safetensors", model, step=int(recipe.get("steps", 0)), config=recipe,
+                              data_hash=data.get("hash", ""), rng=False)
+    bpe = tokenizer.save(folder / f"{name}-bpe.json")
+    _write_json(folder / f"{name}.json", {
+        "format": TEXT_JEPA_FORMAT, "weights": weights.name, "sha256": file_sha256(weights), "tokenizer": Path(bpe).name,
+        "tokenizer_sha256": file_sha256(bpe), "text": asdict(model.student.config), "jepa": asdict(model.config),
+        "span_weight": model.span_weight, "recipe": recipe, "seed": seed, "data": data, "results": results,
+        "evaluate": "TextJEPA.embed (keys), TextJEPA.predict_next (queries)", "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return weights
+
+def load_text_jepa(folder, name: str = "text_jepa"):
+    "(TextJEPA, ByteBPE, manifest) saved by `save_text_jepa`: architecture from the manifest, strict keys, hashes checked."
+    from jepa_lab.tokenize import ByteBPE
+    folder = Path(folder)
+    weights, manifest_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    if not weights.is_file(): raise FileNotFoundError(f"{weights} does not exist: run experiments/text_jepa (it saves one)")
+    if not manifest_path.is_file():
+        raise ValueError(f"{weights} has no manifest {manifest_path.name} beside it: re-run experiments/text_jepa to write both")
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("format") != TEXT_JEPA_FORMAT:
+        raise ValueError(f"{manifest_path} is not a text-JEPA manifest (format {manifest.get('format')!r}, expected {TEXT_JEPA_FORMAT!r})")
+    for file, key in [(weights, "sha256"), (folder / manifest["tokenizer"], "tokenizer_sha256")]:
+        if not file.is_file() or file_sha256(file) != manifest[key]:
+            raise ValueError(f"{file} is missing or does not match the {key} in {manifest_path.name}: re-run experiments/text_jepa")
+    model = TextJEPA(TextEncoderConfig(**manifest["text"]), JEPAConfig(**manifest["jepa"]), manifest["span_weight"])
+    load_checkpoint(weights, model, restore_rng=False)                               # strict: names any wrong key or shape
+    return model.eval(), ByteBPE.load(folder / manifest["tokenizer"]), manifest
+

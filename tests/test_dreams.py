@@ -257,3 +257,7 @@ def test_bad_input_raises_clear_errors(lab):
         dream(small_moe(bank.dim), bank, [len(bank.scenes)], horizon=1, seed=0, run_id="r")
     with pytest.raises(DreamError, match="actions must be"):
         walk_transitions(torch.zeros(2, 5, 4), np.zeros((2, 5), np.int64))
+
+
+def test_frame_encoder_names_an_unknown_source(tmp_path):
+    with pytest.raises(DreamError, match="encoder 'pretrained'"): frame_encoder(tmp_path, seed=0, source="pretrained")
