@@ -914,6 +914,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                      'jepa_lab.jepa_speed._bench_model': ('jepa_speed.html#_bench_model', 'jepa_lab/jepa_speed.py'),
                                      'jepa_lab.jepa_speed._flops_and_step_time': ( 'jepa_speed.html#_flops_and_step_time',
                                                                                    'jepa_lab/jepa_speed.py'),
+                                     'jepa_lab.jepa_speed._matmul_precision': ( 'jepa_speed.html#_matmul_precision',
+                                                                                'jepa_lab/jepa_speed.py'),
                                      'jepa_lab.jepa_speed._profile_table': ('jepa_speed.html#_profile_table', 'jepa_lab/jepa_speed.py'),
                                      'jepa_lab.jepa_speed._report_step': ('jepa_speed.html#_report_step', 'jepa_lab/jepa_speed.py'),
                                      'jepa_lab.jepa_speed._shapes': ('jepa_speed.html#_shapes', 'jepa_lab/jepa_speed.py'),

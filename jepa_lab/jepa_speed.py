@@ -66,6 +66,14 @@ def _bench_batches(kind: str, spec: dict, batch: int, n: int, seq_len: int, devi
     return out
 
 # %% ../nbs/06c_jepa_speed.ipynb #b30fd2f5
+@contextlib.contextmanager
+def _matmul_precision(precision: str | None):
+    "torch's float32 matmul precision set to `precision` inside the block (None: unchanged), restored after."
+    before = torch.get_float32_matmul_precision()
+    if precision is not None: torch.set_float32_matmul_precision(precision)
+    try: yield
+    finally: torch.set_float32_matmul_precision(before)
+
 def _shapes(batch) -> tuple:
     "The shapes of every tensor in a (nested) batch: the key a compiled model specialises on."
     if torch.is_tensor(batch): return tuple(batch.shape)
@@ -108,12 +116,6 @@ def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | No
     profiles the timed steps only (not compilation or warm-up) and keeps the top operators' table in `result["profile"]`."""
     from jepa_lab.core import pick_device, pick_dtype
     if (kind, size) not in BENCH_SIZES: raise ValueError(f"unknown kind/size {(kind, size)}; choose from {sorted(BENCH_SIZES)}")
-    if matmul_precision is not None:
-        before = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision(matmul_precision)
-        try: return benchmark_jepa_step(kind, size, batch, steps, compile, dtype, device, seq_len, warmup, peak_tflops,
-                                        compile_mode, context_keep, predictor, None, profile_rows)
-        finally: torch.set_float32_matmul_precision(before)
     dev = pick_device(device); dt = pick_dtype(dtype, dev)
     model, spec = _bench_model(kind, size, predictor)
     model.to(dev)
@@ -131,14 +133,16 @@ def benchmark_jepa_step(kind: str = "image", size: str = "tiny", batch: int | No
         opt.zero_grad(set_to_none=True); out.loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0); opt.step(); model.update_teacher(0.996)
     profiler = _step_profiler(dev) if profile_rows else None
-    flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev, (lambda: profiler) if profiler else contextlib.nullcontext)
+    with _matmul_precision(matmul_precision):
+        flops, seconds = _flops_and_step_time(fwd_bwd, step, batches, warmup, dev,
+                                              (lambda: profiler) if profiler else contextlib.nullcontext)
     peak = peak_tflops or measure_matmul_peak(dt if dev.type == "cuda" else torch.float32, device=dev)
     if profiler: print(table := _profile_table(profiler, dev, profile_rows))
     result = dict(profile=table if profiler else None, kind=kind, size=size, device=str(dev), dtype=str(dt).replace("torch.", ""), compile=compile_mode or compile,
                   batch=batch, params_m=count_parameters(model.student) / 1e6, step_ms=seconds * 1e3,
                   samples_per_s=batch / seconds, gflop_per_step=flops / 1e9, tflops=flops / seconds / 1e12, peak_tflops=peak,
                   context_keep=keep, predictor=tuple(predictor or spec["predictor"]),
-                  matmul_precision=torch.get_float32_matmul_precision())
+                  matmul_precision=matmul_precision or torch.get_float32_matmul_precision())
     return _report_step(result, f"{kind} JEPA {size}" + (f", {seq_len} tokens" if kind == "text" else f", context {keep or 'batch min'}"))
 
 # %% ../nbs/06c_jepa_speed.ipynb #662eb151

@@ -55,8 +55,8 @@ def test_validation_split_keeps_groups_whole():
     assert val.sum() == 20 and len(set(groups[val])) == 4
     assert not set(groups[val]) & set(groups[~val])
     assert np.array_equal(val, validation_split(groups, 0.2, seed=1))            # seeded
-    fit = fit_probe(*correlated(100, 0), *correlated(50, 1), groups=np.arange(100) // 10)
-    assert 0 <= fit.accuracy <= 1
+    fit = fit_probe(*correlated(100, 0), *correlated(50, 1), groups=np.arange(100) // 10)   # 10 groups of 10 rows
+    assert fit.accuracy > 0.85 and fit.val_accuracy == fit.curve[fit.l2]                # measured 0.90–0.94 (seeds 0–2)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -87,7 +87,9 @@ def test_bad_groups_and_grid_raise():
 def test_linear_probe_still_returns_a_float():
     x, y = correlated(300, 0)
     acc = linear_probe(x[:200], y[:200], x[200:], y[200:])
-    assert isinstance(acc, float) and 0 <= acc <= 1
+    assert isinstance(acc, float) and acc > 0.9                                      # learnable: measured 0.95–0.99 (seeds 0–2)
+    noise = np.random.default_rng(0).normal(size=(300, 6))
+    assert linear_probe(noise[:200], y[:200], noise[200:], y[200:]) < 0.7               # features that carry nothing: chance
 
 
 def test_labelled_worlds_are_labelled_frames_with_their_world():
