@@ -190,22 +190,30 @@ class SSDBlock(nn.Module):
         self.D = nn.Parameter(torch.ones(H))
         self.out_proj = nn.Linear(E, c.dim, bias=False)
 
-    def mix(self, x, parallel: bool = True):
-        "The mixer on normalised x (B, L, dim) -> (out (B, L, dim), final state (B, heads, head_dim, d_state))."
+    def mix(self, x, parallel: bool = True, keep: torch.Tensor | None = None):
+        "The mixer on normalised x (B, L, dim) -> (out (B, L, dim), final state (B, heads, head_dim, d_state)); `keep` (B, L) masks padding."
         c, (Bt, L, _) = self.config, x.shape
         z, xBC, dt = self.in_proj(x).split([c.d_inner, c.d_inner + 2 * c.d_state, c.heads], -1)
         xBC = F.silu(self.conv(xBC.transpose(1, 2))[..., :L].transpose(1, 2))   # causal: first L outputs of a left-padded conv
-        xs, B, C = xBC.split([c.d_inner, c.d_state, c.d_state], -1)       # (B, L, E), (B, L, N), (B, L, N)
         dt = F.softplus(dt + self.dt_bias)                                  # (B, L, H), > 0
+        if keep is not None:                                                # a padded step: Δ = 0 (no decay), no input
+            m = keep.unsqueeze(-1).to(x.dtype)
+            xBC, dt = xBC * m, dt * m
+        xs, B, C = xBC.split([c.d_inner, c.d_state, c.d_state], -1)       # (B, L, E), (B, L, N), (B, L, N)
         y, state = ssd_scan(xs.reshape(Bt, L, c.heads, c.head_dim), dt, -torch.exp(self.A_log), B, C, self.D,
                             chunk=c.chunk, parallel=parallel)
-        return self.out_proj(y.reshape(Bt, L, c.d_inner) * F.silu(z)), state
+        out = self.out_proj(y.reshape(Bt, L, c.d_inner) * F.silu(z))
+        return (out if keep is None else out * keep.unsqueeze(-1).to(out.dtype)), state
 
-    def forward(self, x, return_state: bool = False, parallel: bool = True):
+    def forward(self, x, return_state: bool = False, parallel: bool = True, keep: torch.Tensor | None = None):
+        "x (B, L, dim) -> x + mixer(RMSNorm(x)) [and the final state]. `keep` (B, L) bool: False steps are padding — they leave the state unchanged and output 0."
         _require(torch.is_tensor(x) and x.is_floating_point() and x.dim() == 3 and x.shape[1] > 0 and x.shape[-1] == self.config.dim,
                  f"SSDBlock expects a float tensor (batch, length, {self.config.dim}), "
                  f"got {_describe(x)}", EncoderInputError)
-        out, state = self.mix(self.norm(x), parallel)
+        if keep is not None:
+            _require(keep.shape == x.shape[:2] and keep.dtype == torch.bool, f"SSDBlock: keep must be a bool (batch, length) mask, got {_describe(keep)}",
+                     EncoderInputError)
+        out, state = self.mix(self.norm(x), parallel, keep)
         return (x + out, state) if return_state else x + out
 
 # %% ../nbs/04a_chunked_scan.ipynb #ccea2645

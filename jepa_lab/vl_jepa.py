@@ -197,8 +197,8 @@ class VLBackbone(nn.Module):
         self.back_blocks = nn.ModuleList(block() for _ in range(c.depth)) if c.bidirectional else None
         self.norm = nn.RMSNorm(c.dim)
 
-    def sequence(self, x_tokens, q_ids, q_pad) -> tuple[torch.Tensor, torch.Tensor]:
-        "The input sequence (B, T, dim) and the read-out mask (B, T): the image's tokens and the second query's real tokens."
+    def sequence(self, x_tokens, q_ids, q_pad) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        "The input sequence (B, T, dim), the read-out mask (B, T) (the image and the second query's real tokens), and keep (B, T): not padding."
         c = self.config
         keep = (~q_pad).unsqueeze(-1).float()                               # (B, Q, 1)
         q = self.query_proj(self.query_embed(q_ids)) * keep                 # (B, Q, dim), zero at padding
@@ -209,27 +209,34 @@ class VLBackbone(nn.Module):
             parts.append(torch.cat([whole, self.visual_proj(x_tokens)], 1) + self.segment[1])   # (B, 1 + P', dim)
             readout.append(torch.ones(parts[-1].shape[:2], dtype=torch.bool, device=q_pad.device))
         parts.append(q + self.segment[2] * keep); readout.append(~q_pad)
-        return torch.cat(parts, 1), torch.cat(readout, 1)
+        real = [~q_pad] + ([readout[1]] if c.use_image else []) + [~q_pad]
+        return torch.cat(parts, 1), torch.cat(readout, 1), torch.cat(real, 1)
 
-    def forward(self, x_tokens, q_ids, q_pad, extra: torch.Tensor | None = None) -> VLOutput:
-        "`extra` (B, A, dim): embeddings appended after the second query (the token baseline's answer tokens)."
+    def forward(self, x_tokens, q_ids, q_pad, extra: torch.Tensor | None = None, extra_keep: torch.Tensor | None = None) -> VLOutput:
+        "`extra` (B, A, dim): embeddings appended after the second query (the token baseline's answer tokens), `extra_keep` (B, A) their real ones."
         c = self.config
         if c.use_image and (x_tokens is None or x_tokens.dim() != 3 or x_tokens.shape[-1] != c.x_dim):
             raise VLError(f"visual tokens must be (batch, patches, {c.x_dim}), got {None if x_tokens is None else tuple(x_tokens.shape)}")
         if q_ids.dim() != 2 or q_pad.shape != q_ids.shape or bool(q_pad[:, -1].any()):
             raise VLError(f"query ids must be (batch, length), left-padded (the last position real); got {tuple(q_ids.shape)}")
-        h, readout = self.sequence(x_tokens, q_ids, q_pad)                  # (B, T, dim)
+        h, readout, keep = self.sequence(x_tokens, q_ids, q_pad)            # (B, T, dim), (B, T), (B, T)
         if extra is not None:
-            h, readout = torch.cat([h, extra], 1), torch.cat([readout, torch.zeros(extra.shape[:2], dtype=torch.bool, device=h.device)], 1)
+            extra_keep = torch.ones(extra.shape[:2], dtype=torch.bool, device=h.device) if extra_keep is None else extra_keep
+            h = torch.cat([h, extra * extra_keep.unsqueeze(-1)], 1)
+            readout, keep = torch.cat([readout, torch.zeros_like(extra_keep)], 1), torch.cat([keep, extra_keep], 1)
+        order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices     # padding first, then the real steps in order
+        h, keep = h.gather(1, order.unsqueeze(-1).expand_as(h)), keep.gather(1, order)
         gates = []
         for i, block in enumerate(self.blocks):
             if self.gates is not None:
                 h, g = self.gates[i](h); gates.append(g)
-            forward, state = block(h, return_state=True)                    # state (B, H, P, N): the forward scan's last
+            forward, state = block(h, return_state=True, keep=keep)         # state (B, H, P, N): the forward scan's last
             if self.back_blocks is not None:                                # x + mix(x) both ways -> x + mix_f + mix_b
-                forward = forward + self.back_blocks[i](h.flip(1)).flip(1) - h
+                forward = forward + self.back_blocks[i](h.flip(1), keep=keep.flip(1)).flip(1) - h
             h = forward
-        return VLOutput(hidden=self.norm(h), readout=readout, state=state, gates=torch.stack(gates) if gates else None)
+        h = torch.empty_like(h).scatter_(1, order.unsqueeze(-1).expand_as(h), h)   # back to the input's order
+        gates = torch.stack(gates).gather(2, order.argsort(1)[None, ..., None].expand(len(gates), -1, -1, h.shape[-1])) if gates else None
+        return VLOutput(hidden=self.norm(h), readout=readout, state=state, gates=gates)
 
 def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Mean of h (B, T, D) over positions where mask (B, T) is True -> (B, D)."
@@ -468,7 +475,7 @@ class VLTokenModel(nn.Module):
         "Logits (B, A + 1, V) for the answer positions, given the first A answer ids `inputs` (B, A) (pad -> any id)."
         bb = self.backbone
         extra = bb.query_proj(bb.query_embed(inputs.clamp_min(0))) + self.answer_segment      # (B, A, dim)
-        out = bb(x_tokens, q_ids, q_pad, extra)
+        out = bb(x_tokens, q_ids, q_pad, extra, extra_keep=inputs >= 0)
         start = out.hidden.shape[1] - inputs.shape[1] - 1                     # the last query position
         return self.lm_head(out.hidden[:, start:])                            # (B, A + 1, V)
 

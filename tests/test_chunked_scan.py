@@ -215,3 +215,20 @@ def test_ssd_learns_latest_write_recall_that_a_bag_of_tokens_cannot():
     torch.manual_seed(0)
     bag = recall_accuracy(BagOfTokens())
     assert ssd > 0.9 and ssd > bag + 0.25, (ssd, bag)                 # measured: 0.977 vs 0.545, chance 0.125
+
+
+def test_ssd_block_padding_in_front_changes_nothing():
+    "Padded steps (keep False) at the front: the real steps' outputs and the final state equal those of the unpadded input."
+    torch.manual_seed(0)
+    block = SSDBlock(SSDConfig(dim=16, heads=2, d_state=4, chunk=4)).eval()
+    with torch.no_grad(): block.conv.bias.fill_(1.0)                    # a trained conv has a bias: padding would read it
+    x = torch.randn(1, 9, 16)
+    padded = torch.cat([torch.zeros(1, 3, 16), x], 1)
+    keep = torch.tensor([[False] * 3 + [True] * 9])
+    y, s = block(x, return_state=True)
+    yp, sp = block(padded, return_state=True, keep=keep)
+    assert torch.allclose(yp[:, 3:], y, atol=1e-6) and torch.allclose(sp, s, atol=1e-6) and yp[:, :3].abs().max() == 0
+    y_unmasked, _ = block(padded, return_state=True)                    # without the mask the padding leaks in
+    assert not torch.allclose(y_unmasked[:, 3:], y, atol=1e-4)
+    with pytest.raises(EncoderInputError, match="keep"):
+        block(x, keep=torch.ones(1, 9))

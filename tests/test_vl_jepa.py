@@ -61,6 +61,9 @@ def test_queries_are_left_padded_and_padding_ids_are_ignored(tiny):
     a = model(x, ids, pad).pred
     b = model(x, ids.masked_fill(pad, 7), pad).pred
     assert torch.allclose(a, b, atol=1e-6)
+    keep = int((~pad[1]).sum())                                           # the short question alone, without padding
+    alone = model(x[1:], ids[1:, -keep:], pad[1:, -keep:])
+    assert torch.allclose(a[1:], alone.pred, atol=1e-5)                   # a prediction does not depend on its batch-mates
     with pytest.raises(VLError, match="left-padded"):
         model(x, ids.flip(1), pad.flip(1))
     with pytest.raises(VLError, match="visual tokens"):
