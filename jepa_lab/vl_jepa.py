@@ -328,7 +328,7 @@ def distinct_info_nce(pred: torch.Tensor, targets: torch.Tensor, index: torch.Te
 @dataclass
 class VLTrainConfig:
     "Phase-1 optimisation (CPU teaching size)."
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 64
     lr: float = 1e-3
     y_lr_scale: float = 0.05   # the Y-encoder's learning-rate multiplier; 0 freezes it
