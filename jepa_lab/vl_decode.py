@@ -183,9 +183,9 @@ def match_threshold(z: torch.Tensor, decoded: list, truth: list, target_quality:
         if q >= target_quality and (best is None or rate < best[1]): best = (tau, rate)
     return None if best is None else best[0]
 
-def selective_vs_uniform(z: dict, decoded: dict, truth: dict, everys=(1, 2, 3, 4), thresholds=None) -> list[dict]:
+def selective_vs_uniform(z: dict, decoded: dict, truth: dict, everys=(1, 2, 3, 4, 6, 8, 12), thresholds=None) -> list[dict]:
     "For each uniform rate k: the validation-matched threshold, and test quality and decodes of both schedules."
-    thresholds = np.geomspace(1e-4, 0.5, 40) if thresholds is None else thresholds
+    thresholds = np.geomspace(1e-4, 1.0, 48) if thresholds is None else thresholds
     rows = []
     for k in everys:
         uni = {s: schedule_quality(decoded[s], truth[s], [uniform_points(len(zi), k) for zi in z[s]]) for s in ("val", "test")}
@@ -196,7 +196,7 @@ def selective_vs_uniform(z: dict, decoded: dict, truth: dict, everys=(1, 2, 3, 4
                      "selective_quality": sel[0], "selective_rate": sel[1], "saved": uni["test"][1] / sel[1]})
     return rows
 
-# %% ../nbs/13b_vl_decode.ipynb #acb3101d
+# %% ../nbs/13b_vl_decode.ipynb #aba20788
 Y_DECODER_FORMAT = "jepa-lab-vl-y-decoder/1"
 
 def save_y_decoder(folder, y_dec: YDecoder, cfg: YDecoderConfig, phase1_sha256: str, scores: dict | None = None,
