@@ -224,15 +224,18 @@ class VLBackbone(nn.Module):
             extra_keep = torch.ones(extra.shape[:2], dtype=torch.bool, device=h.device) if extra_keep is None else extra_keep
             h = torch.cat([h, extra * extra_keep.unsqueeze(-1)], 1)
             readout, keep = torch.cat([readout, torch.zeros_like(extra_keep)], 1), torch.cat([keep, extra_keep], 1)
+        back_keep = keep.clone()
+        if extra is not None: back_keep[:, -extra.shape[1]:] = False       # answer tokens stay causal: the backward scan skips them
         order = torch.sort(keep.to(torch.int8), dim=1, stable=True).indices     # padding first, then the real steps in order
-        h, keep = h.gather(1, order.unsqueeze(-1).expand_as(h)), keep.gather(1, order)
+        h, keep, back_keep = h.gather(1, order.unsqueeze(-1).expand_as(h)), keep.gather(1, order), back_keep.gather(1, order)
         gates = []
         for i, block in enumerate(self.blocks):
             if self.gates is not None:
                 h, g = self.gates[i](h); gates.append(g)
             forward, state = block(h, return_state=True, keep=keep)         # state (B, H, P, N): the forward scan's last
             if self.back_blocks is not None:                                # x + mix(x) both ways -> x + mix_f + mix_b
-                forward = forward + self.back_blocks[i](h.flip(1), keep=keep.flip(1)).flip(1) - h
+                hb = (h * back_keep.unsqueeze(-1)).flip(1)                  # zeros where skipped: its convolution reads them
+                forward = forward + (self.back_blocks[i](hb, keep=back_keep.flip(1)) - hb).flip(1)
             h = forward
         h = torch.empty_like(h).scatter_(1, order.unsqueeze(-1).expand_as(h), h)   # back to the input's order
         gates = torch.stack(gates).gather(2, order.argsort(1)[None, ..., None].expand(len(gates), -1, -1, h.shape[-1])) if gates else None
@@ -306,9 +309,10 @@ def left_padded_ids(tokenizer: ByteBPE, texts: list) -> tuple[torch.Tensor, torc
 def sample_batch(is_caption: torch.Tensor, batch_size: int, generator: torch.Generator, caption_share: float = 0.25) -> torch.Tensor:
     "Item indices (B,) of items flagged by is_caption (M,) bool: about `caption_share` captions, the rest questions, uniformly within each."
     caps, qas = is_caption.nonzero().flatten(), (~is_caption).nonzero().flatten()
-    n_cap = int(round(batch_size * caption_share)) if len(qas) else batch_size
-    pick = lambda pool, n: pool[torch.randint(0, len(pool), (n,), generator=generator)]
-    return torch.cat([pick(caps, n_cap), pick(qas, batch_size - n_cap)]) if len(qas) and n_cap else pick(caps if len(caps) else qas, batch_size)
+    if not len(caps) + len(qas): raise VLError("no items to sample a batch from")
+    n_cap = batch_size if not len(qas) else 0 if not len(caps) else int(round(batch_size * caption_share))
+    pick = lambda pool, n: pool[torch.randint(0, len(pool), (n,), generator=generator)] if n else pool[:0]
+    return torch.cat([pick(caps, n_cap), pick(qas, batch_size - n_cap)])
 
 # %% ../nbs/13a_vl_jepa.ipynb #ec3b7fb6
 def distinct_info_nce(pred: torch.Tensor, targets: torch.Tensor, index: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:

@@ -121,3 +121,16 @@ def test_save_and_load_round_trip(tiny, tmp_path):
         f.seek(-4, 2); f.write(b"\0\0\0\1")
     with pytest.raises(VLError, match="sha256"):
         load_vl_jepa(tmp_path)
+
+
+def test_token_baseline_is_causal_over_the_answer(tiny):
+    "The logits for answer token j do not change when a later answer token changes (the backward scans skip the answer)."
+    _, _, bpe = tiny
+    torch.manual_seed(0)
+    model = VLTokenModel(config(bpe), bpe).eval()
+    with torch.no_grad():
+        for block in model.backbone.back_blocks: block.conv.bias.fill_(1.0)      # a leak through the convolution would show
+    x, q, pad = torch.randn(1, 64, 32), torch.tensor([[5, 6, 7]]), torch.zeros(1, 3, dtype=torch.bool)
+    a = model.logits(x, q, pad, torch.tensor([[10, 11, 12]]))
+    b = model.logits(x, q, pad, torch.tensor([[10, 11, 99]]))
+    assert torch.equal(a[0, :3], b[0, :3]) and not torch.allclose(a[0, 3], b[0, 3])
