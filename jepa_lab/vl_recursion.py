@@ -26,19 +26,20 @@ from torch import nn
 from .core import Run, _atomic_write
 from .decoder import Decoder, DecoderConfig, file_sha256, tokenizer_hash
 from .encoders import TextEncoder, TextEncoderConfig
+from .gated_core import auroc
 from .tokenize import ByteBPE
 from .vl_data import QUESTION_KINDS, VLFrames, _row_line, answer_candidates, write_manifest
 from .vl_decode import YDecoder, generate_texts
-from .vl_jepa import VLConfig, VLData, VLError, VLJEPA, VLOutput, YEncoder, embed_texts, predict
+from .vl_jepa import VLConfig, VLData, VLError, VLJEPA, YEncoder, embed_texts, predict
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'WEIGHT_FILES', 'TOKENIZER_FILES', 'KEY_MAP', 'EXPORT_MANIFEST', 'EXPORT_NAMES', 'Phase3Error',
-           'Phase3Rows', 'unpadded_predict', 'phase3_rows', 'write_phase3_manifest', 'state_summary', 'state_dim',
-           'auroc', 'roc_points', 'within_kind_auroc', 'CandidateTable', 'make_table', 'candidate_table',
-           'candidate_logits', 'margin_score', 'kind_prior', 'HeadConfig', 'PredStateHead', 'ConfusionMonitor',
-           'RecursionConfig', 'train_monitor', 'monitor_scores', 'StateInjector', 'injection_loss', 'train_injector',
-           'flag_threshold', 'inject', 'injection_report', 'ExportError', 'export_modules', 'export_name', 'key_map',
-           'export_vl_jepa', 'load_exported']
+           'Phase3Rows', 'phase3_rows', 'write_phase3_manifest', 'state_summary', 'state_dim', 'roc_points',
+           'within_kind_auroc', 'CandidateTable', 'make_table', 'candidate_table', 'candidate_logits', 'margin_score',
+           'kind_prior', 'HeadConfig', 'PredStateHead', 'ConfusionMonitor', 'RecursionConfig', 'train_monitor',
+           'monitor_scores', 'StateInjector', 'injection_loss', 'train_injector', 'flag_threshold', 'inject',
+           'injection_report', 'ExportError', 'export_modules', 'export_name', 'key_map', 'export_vl_jepa',
+           'load_exported']
 
 # %% ../nbs/13c_vl_recursion.ipynb #c13c0007
 class Phase3Error(VLError):
@@ -69,22 +70,12 @@ class Phase3Rows:
         return Phase3Rows(self.split, self.item[idx], self.frame[idx], self.pred[idx], self.state[idx], self.kind[idx],
                           self.answer[idx], pick(self.question), pick(self.truth), pick(self.said), self.wrong[idx])
 
-def unpadded_predict(model: VLJEPA, data: VLData, split: str, idx: torch.Tensor) -> VLOutput:
-    "13a's `predict` of items `idx` (M,), one query length at a time: pred (M, y_dim), state (M, H, P, N), no padding anywhere."
-    lengths = (~data.q_pad[data.items[split].query[idx]]).sum(1)                 # (M,) real query tokens
-    pred, state = [None] * len(idx), [None] * len(idx)
-    for n in lengths.unique().tolist():
-        rows = (lengths == n).nonzero().flatten()
-        out = predict(model, data, split, idx[rows])
-        for j, r in enumerate(rows.tolist()): pred[r], state[r] = out.pred[j], out.state[j]
-    return VLOutput(pred=torch.stack(pred), state=torch.stack(state))
-
 def phase3_rows(model: VLJEPA, y_dec: YDecoder, data: VLData, split: str, max_new: int = 12) -> Phase3Rows:
-    "Every question item of `split`: predicted (unpadded), decoded greedily by the Y-decoder, and marked wrong or right."
+    "Every question item of `split`: predicted by 13a, decoded greedily by the Y-decoder, and marked wrong or right."
     it = data.items[split]
     idx = (it.kind != 0).nonzero().flatten()
     if not len(idx): raise Phase3Error(f"split {split!r} has no question items: phase 3 learns from answers to questions")
-    out = unpadded_predict(model.eval(), data, split, idx)
+    out = predict(model.eval(), data, split, idx)
     said = generate_texts(y_dec.eval(), out.pred, max_new=max_new)
     kinds = [it.kinds[k] for k in it.kind[idx].tolist()]
     truth = [it.texts[i] for i in it.target[idx].tolist()]
@@ -118,23 +109,6 @@ def state_dim(model: VLJEPA) -> int:
     return c.heads * c.head_dim
 
 # %% ../nbs/13c_vl_recursion.ipynb #c13c0016
-def auroc(scores, labels) -> float:
-    "Area under the ROC curve of `scores` (N,) for binary `labels` (N,): P(random positive > random negative), ties ½."
-    s = torch.as_tensor(scores, dtype=torch.float64).flatten()
-    y = torch.as_tensor(labels).flatten()
-    if len(s) != len(y): raise Phase3Error(f"{len(s)} scores for {len(y)} labels")
-    if not torch.isfinite(s).all(): raise Phase3Error("scores hold NaN or inf: AUROC needs finite scores")
-    if not ((y == 0) | (y == 1)).all(): raise Phase3Error("labels must be 0/1 or False/True")
-    y = y.bool()
-    n1 = int(y.sum()); n0 = len(y) - n1
-    if not n1 or not n0: raise Phase3Error(f"AUROC needs both classes; got {n1} positive and {n0} negative labels")
-    order = s.argsort()
-    _, counts = torch.unique_consecutive(s[order], return_counts=True)        # tie groups, in ascending order
-    mean_rank = counts.cumsum(0) - (counts - 1) / 2                           # 1-based: (first + last rank) / 2
-    ranks = torch.empty_like(s)
-    ranks[order] = mean_rank.double().repeat_interleave(counts)
-    return float((ranks[y].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
 def roc_points(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     "(false-positive rates, true-positive rates) at every distinct threshold, from (0, 0) to (1, 1)."
     s, y = np.asarray(scores, float).ravel(), np.asarray(labels, bool).ravel()
