@@ -1,13 +1,14 @@
 "Learning from dreams (jepa_lab.dream_learning): the ensemble and its disagreement, the filter, goal reaching, learning, provenance, bad input."
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from jepa_lab.core import CheckpointError, load_checkpoint
-from jepa_lab.dream_learning import (DreamLearningError, GoalTasks, branch_dreams, dream_lab, dream_provenance, ensemble_predict,
+from jepa_lab.dream_learning import (DreamLearningError, GoalTasks, branch_dreams, branch_truth, kept_index, dream_lab, dream_provenance, ensemble_predict,
                                      filter_dreams, goal_tasks, reach_rate, read_provenance, save_learned, train_ensemble, with_dreams)
 from jepa_lab.dreams import DreamingMoE, DreamTriplet, MoEConfig, MoEOutput, MoETrainConfig, frame_encoder, train_moe
 from jepa_lab.core import Run, seed_everything
@@ -75,6 +76,26 @@ def test_branch_dreams_branches_every_action_then_follows_the_mean():
     rows = dreams.provenance
     assert {r["step"] for r in rows} == {0, 1, 2} and {r["source"] for r in rows} == {2, 4}
     assert all(r["run"] == "r" and r["seed"] == 1 and r["members"] == 2 and r["expert"] == [1, 1] for r in rows)
+
+
+def test_branch_truth_is_the_real_next_frame(lab):
+    "Where a walk really took an action from a situation's first frame, the truth is the walk's next latent."
+    truth, A = branch_truth(lab), len(ACTIONS)
+    assert truth.shape == (len(lab.bank.scenes) * A, lab.bank.dim)
+    steps = lab.walks.actions.shape[1]
+    first = np.unique(lab.bank.situation_of, return_index=True)[1]
+    checked = 0
+    for k, f in enumerate(first):
+        i, t = divmod(int(f), steps + 1)
+        if t < steps:
+            a = int(lab.walks.actions[i, t])
+            assert torch.allclose(truth[k * A + a], lab.latents[i, t + 1], atol=1e-4); checked += 1
+    assert checked > 100
+
+
+def test_kept_index_takes_the_lowest_disagreement():
+    d = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3])
+    assert kept_index(d, 0.6).tolist() == [1, 3, 4] and kept_index(d, 0.01).tolist() == [1]
 
 
 # ---------------------------------------------------------------- goal reaching
