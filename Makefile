@@ -54,7 +54,7 @@ wheelhouse: setup              ## offline wheels of the runner for a GPU box (cp
 	rm -rf wheelhouse && mkdir -p wheelhouse
 	$(PY) -m pip download -q --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  --platform any -d wheelhouse papermill ipykernel nbformat safetensors tqdm
+	  --platform any -d wheelhouse papermill ipykernel nbformat safetensors tqdm submitit
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  --platform any -d wheelhouse $$($(PY) -m pip freeze | grep -iE '^(datasets|dill|multiprocess|chatterbot.corpus|gguf)==') \

@@ -98,6 +98,9 @@ def test_course_marks_the_failing_notebook_and_runs_the_rest(jepa_lab, cli_env, 
     assert "✅ ok" in rows["experiments/flags"]  # its `#| slow` cell was skipped
     assert "[notebook](01_good/executed.ipynb)" in rows["01_good"]
     assert "3 notebooks, 2 ok, 1 failed" in report
+    page = (out / "report.html").read_text()  # the same table as a web page, each executed notebook rendered beside it
+    assert page.count('<td class="ok">ok</td>') == 2 and "failed: cell " in page and "deliberate failure in 02_broken" in page
+    assert (out / "02_broken" / "executed.html").exists() and f"html: {out / 'report.html'}" in res.stdout
 
 
 def test_sweep_runs_the_grid_and_reports_it(jepa_lab, cli_env, scratch_nbs, tmp_path):
