@@ -292,8 +292,10 @@ def moe_loss(out: MoEOutput, z_next: torch.Tensor, balance_weight: float) -> tup
     return task + balance_weight * out.balance, {"task": task.detach(), "balance": out.balance.detach()}
 
 # %% ../nbs/08_dreams.ipynb #46707485
-def train_moe(model: DreamingMoE, data: TransitionSet, train: MoETrainConfig, run: Run, desc: str = "moe") -> list[dict]:
-    "Train on random batches of `data` with `core.train_loop` (resumes from `run`); returns the logged metrics."
+def train_moe(model: DreamingMoE, data: TransitionSet, train: MoETrainConfig, run: Run, desc: str = "moe",
+              extra_config: dict | None = None) -> list[dict]:
+    """Train on random batches of `data` with `core.train_loop` (resumes from `run`); returns the logged metrics.
+    `extra_config` joins the model's config in every checkpoint (lesson 14 puts the dreams' provenance there)."""
     if len(data.z) < 1: raise DreamError("train_moe needs at least one transition")
     opt = adamw(model, train.lr, train.weight_decay)
     def train_step(step: int) -> dict:
@@ -304,7 +306,7 @@ def train_moe(model: DreamingMoE, data: TransitionSet, train: MoETrainConfig, ru
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         return {"loss": loss.detach(), **terms, **(routing_stats(out) if step % train.log_every == 0 else {})}
     train_loop(train_step, model=model, optimizer=opt, steps=train.steps, run=run, ckpt_every=train.steps,
-               log_every=train.log_every, config=asdict(model.config), desc=desc)
+               log_every=train.log_every, config={**asdict(model.config), **(extra_config or {})}, desc=desc)
     return run.metrics()
 
 @torch.no_grad()

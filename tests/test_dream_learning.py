@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jepa_lab.core import CheckpointError, load_checkpoint
-from jepa_lab.dream_learning import (DreamLearningError, GoalTasks, branch_dreams, branch_truth, kept_index, dream_lab, dream_provenance, ensemble_predict,
+from jepa_lab.core import CheckpointError, latest_checkpoint, load_checkpoint
+from jepa_lab.dream_learning import (ARMS, DreamLearningError, GoalTasks, branch_dreams, branch_truth, dream_curve, kept_index, dream_lab, dream_provenance, ensemble_predict,
                                      filter_dreams, goal_tasks, reach_rate, read_provenance, save_learned, train_ensemble, with_dreams)
 from jepa_lab.dreams import DreamingMoE, DreamTriplet, MoEConfig, MoEOutput, MoETrainConfig, frame_encoder, train_moe
 from jepa_lab.core import Run, seed_everything
@@ -151,6 +151,26 @@ def test_provenance_round_trip_and_refusals(tmp_path):
     plain = save_checkpoint(tmp_path / "plain.safetensors", model, step=1)
     with pytest.raises(CheckpointError, match="no dream provenance"): read_provenance(plain)
     with pytest.raises(CheckpointError, match="does not exist"): read_provenance(tmp_path / "missing.safetensors")
+
+
+def test_dream_curve_rows_and_every_checkpoint_names_its_dreams(lab, tmp_path):
+    "A tiny curve: one row per arm and the ensemble; each dream-trained model's saved and training checkpoints hold its dreams."
+    tasks = goal_tasks(lab.test_walks, lab.bank)
+    rows = dream_curve(lab, tasks, [16], [0], tmp_path, members=2, keep=0.5, train=MoETrainConfig(steps=10, batch_size=16, log_every=5))
+    assert [r["arm"] for r in rows] == [*ARMS, "ensemble of 2 (reference)"]
+    n_dreams = len(lab.bank.scenes) * len(ACTIONS)
+    assert {r["arm"]: r["dreams"] for r in rows if r["arm"] in ARMS} == {
+        "real only": 0, "+ one model's dreams": n_dreams, "+ ensemble dreams": n_dreams, "+ ensemble dreams, filtered": n_dreams // 2}
+    here = tmp_path / "n16-seed0"
+    for arm, slug in ARMS.items():
+        training = latest_checkpoint(here / slug / "checkpoints")
+        if arm == "real only":
+            with pytest.raises(CheckpointError, match="no dream provenance"): read_provenance(training)
+            assert not (here / f"{slug}.safetensors").exists()
+            continue
+        saved = read_provenance(here / f"{slug}.safetensors")
+        assert len(saved) == next(r["dreams"] for r in rows if r["arm"] == arm) and read_provenance(training) == saved
+        assert {len(r["expert"]) for r in saved} == {1 if arm == "+ one model's dreams" else 2}
 
 
 # ---------------------------------------------------------------- bad input
