@@ -37,3 +37,27 @@ def one_thread():
     "Small-op loops stall when two OpenMP threads share two busy cores; one torch thread keeps them fast and steady."
     with torch_threads(1):
         yield
+
+
+def _small_lab(n_walks: int, steps: int, test_walks: int = 0, seed: int = 0, test_seed: int = 999):
+    """A tiny lab world in latent space (lesson 08's recipe): `n_walks` random walks, their situation bank on the seeded
+    random-init ViT and latents (n, T+1, D); `test_walks` walks of other worlds and their latents (or None)."""
+    from types import SimpleNamespace
+
+    import torch
+    from jepa_lab.dreams import SituationBank, frame_encoder, lab_walks
+    with torch.no_grad():
+        encoder, name = frame_encoder(Path("no-checkpoint-needed"), seed=0, source="random")
+        train = lab_walks(n_walks, steps, seed=seed)
+        H = train.images.shape[2]
+        bank = SituationBank(encoder, train.images.reshape(-1, H, H, 3), [s for row in train.scenes for s in row])
+        latents = bank.latents[bank.situation_of].view(n_walks, steps + 1, -1)
+        test = lab_walks(test_walks, steps, seed=test_seed) if test_walks else None
+        test_latents = bank.encode(test.images.reshape(-1, H, H, 3)).view(test_walks, steps + 1, -1) if test else None
+    return SimpleNamespace(bank=bank, walks=train, latents=latents, test_walks=test, test_latents=test_latents, encoder_name=name)
+
+
+@pytest.fixture(scope="session")
+def small_lab():
+    "The factory `_small_lab(n_walks, steps, test_walks=0, seed=0, test_seed=999)` for the dreaming lessons' tests."
+    return _small_lab

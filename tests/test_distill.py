@@ -7,7 +7,7 @@ from jepa_lab.core import CheckpointError, Run, load_checkpoint, seed_everything
 from jepa_lab.dream_learning import DreamLearningError, dream_provenance, read_provenance
 from jepa_lab.distill import (DistillConfig, DistillError, DistillSet, benchmark_distill, compare_distill, distill_data, distill_loss,
                               evaluate_transition, param_count, real_data, situation_kl, summarise, train_student)
-from jepa_lab.dreams import DreamingMoE, MoEConfig, MoETrainConfig, SituationBank, frame_encoder, lab_walks, train_moe, walk_transitions
+from jepa_lab.dreams import DreamingMoE, MoEConfig, MoETrainConfig, train_moe, walk_transitions
 from jepa_lab.world_model import LatentTransition
 
 STEPS, N, LABELLED = 8, 40, 15   # actions per walk, bank walks, labelled walks
@@ -20,15 +20,12 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, small_lab):
     "A bank of 40 walks, the first 15 labelled; 15 held-out walks from other worlds; a teacher MoE trained on the labelled ones."
-    with torch.no_grad():
-        encoder, _ = frame_encoder(tmp_path_factory.mktemp("no_models"), seed=0)
-        train, test = lab_walks(N, STEPS, seed=0), lab_walks(15, STEPS, seed=999)
-        H = train.images.shape[2]
-        bank = SituationBank(encoder, train.images.reshape(-1, H, H, 3), [s for row in train.scenes for s in row])
-        labelled = walk_transitions(bank.latents[bank.situation_of].view(N, STEPS + 1, -1)[:LABELLED], train.actions[:LABELLED])
-        test_set = walk_transitions(bank.encode(test.images.reshape(-1, H, H, 3)).view(15, STEPS + 1, -1), test.actions)
+    small = small_lab(N, STEPS, test_walks=15)
+    bank = small.bank
+    labelled = walk_transitions(small.latents[:LABELLED], small.walks.actions[:LABELLED])
+    test_set = walk_transitions(small.test_latents, small.test_walks.actions)
     seed_everything(0)
     teacher = DreamingMoE(MoEConfig(bank.dim))
     train_moe(teacher, labelled, MoETrainConfig(steps=300, batch_size=64), Run(tmp_path_factory.mktemp("teacher")))

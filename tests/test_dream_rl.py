@@ -12,7 +12,7 @@ from jepa_lab.dream_learning import read_provenance, save_learned
 from jepa_lab.dream_rl import (CHOOSERS, MASKED, BranchPolicy, BranchRewards, DreamRLError, RLConfig, Situations, branch_provenance,
                                branch_table, choose, real_outcomes, reinforce_step, score_choices, simulate_branches,
                                train_policy, walk_situations)
-from jepa_lab.dreams import DreamingMoE, MoEConfig, MoETrainConfig, SituationBank, frame_encoder, lab_walks, train_moe, walk_transitions
+from jepa_lab.dreams import DreamingMoE, MoEConfig, MoETrainConfig, train_moe, walk_transitions
 from jepa_lab.world import ACTIONS
 
 STEPS = 8  # actions per walk
@@ -24,16 +24,11 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, small_lab):
     "A tiny lab: 60 training walks (bank, MoE data, RL situations), 15 held-out walks of other worlds, a trained MoE, every branch simulated."
     folder = tmp_path_factory.mktemp("dream_rl")
-    with torch.no_grad():
-        encoder, _ = frame_encoder(folder / "no_models", seed=0)
-        train, test = lab_walks(60, STEPS, seed=0), lab_walks(15, STEPS, seed=999)
-        H = train.images.shape[2]
-        bank = SituationBank(encoder, train.images.reshape(-1, H, H, 3), [s for row in train.scenes for s in row])
-        train_lat = bank.latents[bank.situation_of].view(60, STEPS + 1, -1)
-        test_lat = bank.encode(test.images.reshape(-1, H, H, 3)).view(15, STEPS + 1, -1)
+    small = small_lab(60, STEPS, test_walks=15)
+    bank, train, test, train_lat, test_lat = small.bank, small.walks, small.test_walks, small.latents, small.test_latents
     seed_everything(0)
     moe = DreamingMoE(MoEConfig(bank.dim))
     train_moe(moe, walk_transitions(train_lat, train.actions), MoETrainConfig(steps=300), Run(folder / "moe"), desc="moe")

@@ -9,8 +9,8 @@ from jepa_lab.dream_learning import dream_provenance
 from jepa_lab.dream_trees import (ROOT, DreamTree, DreamTreeError, LabReplay, WordEncoder, ask_tree, disagreement_vs_error,
                                   drift_table, dream_tree, expert_step, measure_drift, plot_dream_tree, situation_entity,
                                   tree_explorer, tree_facts, tree_layout, tree_store)
-from jepa_lab.dreams import (DreamError, DreamingMoE, MoEConfig, MoETrainConfig, SituationBank, dream_graph, frame_encoder,
-                             lab_walks, train_moe, walk_transitions)
+from jepa_lab.dreams import (DreamError, DreamingMoE, MoEConfig, MoETrainConfig, dream_graph, lab_walks, train_moe,
+                             walk_transitions)
 from jepa_lab.world import ACTIONS, LabObject, LabWorld, empty_lab_state
 
 STEPS = 8  # actions per walk
@@ -22,14 +22,11 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(tmp_path_factory, small_lab):
     "40 walks, their bank and replay, an untrained MoE (every expert starts as copy-last) and one trained for 300 steps."
-    with torch.no_grad():
-        encoder, _ = frame_encoder(tmp_path_factory.mktemp("no_models"), seed=0)   # seeded random ViT
-        walks = lab_walks(40, STEPS, seed=0)
-        H = walks.images.shape[2]
-        bank = SituationBank(encoder, walks.images.reshape(-1, H, H, 3), [s for row in walks.scenes for s in row])
-        data = walk_transitions(bank.latents[bank.situation_of].view(40, STEPS + 1, -1), walks.actions)
+    small = small_lab(40, STEPS)
+    walks, bank = small.walks, small.bank
+    data = walk_transitions(small.latents, walks.actions)
     seed_everything(0)
     fresh = DreamingMoE(MoEConfig(bank.dim, hidden=16)).eval()
     seed_everything(0)

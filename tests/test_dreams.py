@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from jepa_lab.core import Run, seed_everything, weights_equal
-from jepa_lab.dreams import (DreamError, DreamingMoE, DreamTriplet, MoEConfig, MoETrainConfig, SituationBank,
-                             balance_ablation, capacity_keep, dense_moe_forward, dream, dream_explorer, dream_graph, evaluate_moe,
-                             expert_capacity, frame_encoder, lab_walks, latest_dream_graph, load_dream_graph, moe_loss, save_dream_graph,
-                             train_moe, walk_transitions)
+from jepa_lab.dreams import (DreamError, DreamingMoE, DreamTriplet, MoEConfig, MoETrainConfig, balance_ablation, capacity_keep,
+                             dense_moe_forward, dream, dream_explorer, dream_graph, evaluate_moe, expert_capacity, frame_encoder,
+                             latest_dream_graph, load_dream_graph, moe_loss, save_dream_graph, train_moe, walk_transitions)
 
 STEPS = 8  # actions per walk
 
@@ -21,17 +20,13 @@ def _one_thread(one_thread):
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab(small_lab):
     "A small lab: a bank of 40 walks (their transitions are the training set) and 15 held-out walks from other worlds."
-    with torch.no_grad():
-        encoder, name = frame_encoder(tmp_path_factory.mktemp("no_models"), seed=0)   # no checkpoint: seeded random ViT
-        train, test = lab_walks(40, STEPS, seed=0), lab_walks(15, STEPS, seed=999)
-        H = train.images.shape[2]
-        bank = SituationBank(encoder, train.images.reshape(-1, H, H, 3), [s for row in train.scenes for s in row])
-        train_set = walk_transitions(bank.latents[bank.situation_of].view(40, STEPS + 1, -1), train.actions)
-        test_lat = bank.encode(test.images.reshape(-1, H, H, 3)).view(15, STEPS + 1, -1)
-        test_set = walk_transitions(test_lat, test.actions)
-    assert "random-init" in name
+    lab = small_lab(40, STEPS, test_walks=15)
+    assert "random-init" in lab.encoder_name
+    bank = lab.bank
+    train_set = walk_transitions(lab.latents, lab.walks.actions)
+    test_set = walk_transitions(lab.test_latents, lab.test_walks.actions)
     return bank, train_set, test_set
 
 
