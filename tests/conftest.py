@@ -61,3 +61,26 @@ def _small_lab(n_walks: int, steps: int, test_walks: int = 0, seed: int = 0, tes
 def small_lab():
     "The factory `_small_lab(n_walks, steps, test_walks=0, seed=0, test_seed=999)` for the dreaming lessons' tests."
     return _small_lab
+
+
+def _tiny_vl(n_train: int, n_val: int, n_test: int, vocab: int, vit_dim: int, seed: int = 0):
+    """Lesson 13's data at a tiny size: splits of lab frames, a BPE of `vocab` tokens trained on the train texts, a random
+    tiny ViT as X-encoder (its visual tokens), and 13a's `VLData`. Returns (splits, data, bpe)."""
+    import torch
+    from jepa_lab.encoders import ViT, ViTConfig
+    from jepa_lab.tokenize import ByteBPE
+    from jepa_lab.vl_data import vl_splits
+    from jepa_lab.vl_jepa import split_items, visual_tokens, vl_data
+    torch.manual_seed(seed)
+    splits = vl_splits(n_train=n_train, n_val=n_val, n_test=n_test, seed=seed)
+    items = split_items(splits)
+    bpe = ByteBPE.train(items["train"].texts, vocab)
+    vit = ViT(ViTConfig(image_size=64, patch_size=8, dim=vit_dim, depth=1, heads=2)).eval()
+    data = vl_data({k: visual_tokens(vit, v.frames) for k, v in splits.items()}, items, bpe)
+    return splits, data, bpe
+
+
+@pytest.fixture(scope="session")
+def tiny_vl():
+    "The factory `_tiny_vl(n_train, n_val, n_test, vocab, vit_dim, seed=0)` for lesson 13's tests."
+    return _tiny_vl

@@ -3,26 +3,19 @@ import pytest
 import torch
 
 from jepa_lab.core import Run
-from jepa_lab.encoders import TextEncoder, TextEncoderConfig, ViT, ViTConfig
+from jepa_lab.encoders import TextEncoder, TextEncoderConfig
 from jepa_lab.jepa import JEPAConfig, TextJEPA
 from jepa_lab.jepa_eval import save_text_jepa
-from jepa_lab.tokenize import ByteBPE
-from jepa_lab.vl_data import CAPTION_QUERY, vl_splits
+from jepa_lab.vl_data import CAPTION_QUERY
 from jepa_lab.vl_jepa import (VLConfig, VLError, VLJEPA, VLRecipe, VLTokenModel, VLTrainConfig, YEncoder, distinct_info_nce,
                               evaluate_embedding_model, evaluate_token_model, left_padded_ids, load_vl_jepa, pool_grid,
-                              save_vl_jepa, split_items, train_vl, visual_tokens, vl_data)
+                              save_vl_jepa, train_vl)
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def tiny(tiny_vl):
     "Small splits, a random tiny ViT as X-encoder, a random tiny text encoder with a BPE trained on the texts as Y-encoder."
-    torch.manual_seed(0)
-    splits = vl_splits(n_train=40, n_val=6, n_test=12, seed=0)
-    items = split_items(splits)
-    bpe = ByteBPE.train(items["train"].texts, 320)
-    vit = ViT(ViTConfig(image_size=64, patch_size=8, dim=32, depth=1, heads=2)).eval()
-    data = vl_data({k: visual_tokens(vit, v.frames) for k, v in splits.items()}, items, bpe)
-    return splits, data, bpe
+    return tiny_vl(40, 6, 12, 320, 32)
 
 
 def y_encoder(bpe, seed=0):

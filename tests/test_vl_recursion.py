@@ -9,11 +9,10 @@ from safetensors.torch import load_file, save_file
 
 import jepa_lab.vl_recursion as vr
 from jepa_lab.decoder import Decoder, DecoderConfig, file_sha256
-from jepa_lab.encoders import TextEncoder, TextEncoderConfig, ViT, ViTConfig
-from jepa_lab.tokenize import ByteBPE
-from jepa_lab.vl_data import read_manifest, vl_splits
+from jepa_lab.encoders import TextEncoder, TextEncoderConfig
+from jepa_lab.vl_data import read_manifest
 from jepa_lab.vl_decode import YDecoder
-from jepa_lab.vl_jepa import VLConfig, VLJEPA, YEncoder, predict, split_items, visual_tokens, vl_data
+from jepa_lab.vl_jepa import VLConfig, VLJEPA, YEncoder, predict
 from jepa_lab.gated_core import auroc  # 12a's, which 13c reuses
 from jepa_lab.vl_recursion import (ExportError, HeadConfig, Phase3Error, RecursionConfig, StateInjector, candidate_logits,
                                    export_vl_jepa, inject, load_exported, make_table, margin_score, monitor_scores, phase3_rows,
@@ -143,14 +142,8 @@ def test_margin_score_is_high_when_two_candidates_are_equally_near():
 # --- tiny real modules: phase-3 rows, the manifest, export -------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    splits = vl_splits(n_train=3, n_val=2, n_test=2, seed=0)
-    items = split_items(splits)
-    bpe = ByteBPE.train(items["train"].texts, 300)
-    vit = ViT(ViTConfig(image_size=64, patch_size=8, dim=16, depth=1, heads=2)).eval()
-    data = vl_data({k: visual_tokens(vit, v.frames) for k, v in splits.items()}, items, bpe)
-    return splits, data, bpe
+def tiny(tiny_vl):
+    return tiny_vl(3, 2, 2, 300, 16)
 
 
 def tiny_modules(bpe, seed=0):
