@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL = "sudo apt-get install chromium chromium-driver (or `make browser` as root)"
-RUN_TIMEOUT = 240        # seconds for all cells of one lesson; each took 10-20 s here (2 busy cores)
+RUN_TIMEOUT = 300        # seconds for all cells of one lesson; 10-20 s here (2 busy cores), 15_agent about 60 s
 WINDOW = (1280, 1600)
 MAX_PNG = 400_000        # bytes per screenshot
 
@@ -36,6 +36,7 @@ LESSONS = [
     ("02_world", 19, ("move east", "open door", "reset")),          # lab_stepper: 19 nodes
     ("08_dreams", 10, ("dream a step", "restart")),                 # dream_explorer: 10
     ("14d_dream_trees", 14, ("go to child", "up", "ask")),          # tree_explorer: 14
+    ("15_agent", 4, ("perceive", "retrieve", "dream")),            # trace_panel: 4
 ]
 
 if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
