@@ -51,6 +51,7 @@ class ProblemConfig:
             raise ReasoningError(f"leaf_range {self.leaf_range} must lie in 0..max_value {self.max_value}")
         if self.names not in ("short", "long"): raise ReasoningError(f"names {self.names!r}: choose 'short' or 'long'")
         if self.order not in ("ordered", "shuffled"): raise ReasoningError(f"order {self.order!r}: choose 'ordered' or 'shuffled'")
+        if not self.moduli or min(self.moduli) < 2: raise ReasoningError(f"moduli {self.moduli} must all be at least 2")
 
 @dataclass(frozen=True)
 class Operation:
@@ -63,7 +64,7 @@ class Operation:
 # %% ../nbs/11_reasoning.ipynb #f28e32b5
 def apply_op(op: str, xs: tuple, const: int | None = None, max_value: int = 99) -> int | None:
     "The value of `op` on `xs`, or None where it is undefined or leaves 0..max_value."
-    if op == "mod": return xs[0] % const
+    if op == "mod": return xs[0] % const if const else None     # `mod 0` (a model can write it) is undefined
     a, b = xs
     if op == "div": value = a // b if b and a % b == 0 else None
     else: value = {"add": a + b, "sub": a - b, "mul": a * b}[op]

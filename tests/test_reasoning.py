@@ -127,6 +127,23 @@ def test_wrong_final_answer_is_caught(problems):
     assert c.steps_correct and not c.answer_correct and not c.correct
 
 
+def test_mod_zero_step_is_an_arithmetic_error_not_a_crash(problems):
+    "A model can write `x mod 0`; the checker must score it wrong, not raise ZeroDivisionError."
+    assert all(o.const >= 2 for q in problems for o in q.ops if o.op == "mod")   # the generator never draws mod 0
+    assert apply_op("mod", (30,), 0) is None
+    with pytest.raises(ReasoningError, match="moduli"): ProblemConfig(moduli=(0, 7))
+    p = next(q for q in problems if q.ops[0].op == "mod")
+    o, gold = p.ops[0], gold_chain(p).splitlines()
+    gold[0] = f"Step 1: {p.names[o.target]} = {p.names[o.args[0]]} mod 0 = {p.values[o.target]}."
+    c = check_chain(p, "\n".join(gold))
+    assert not c.correct and not c.steps[0].correct and "arithmetic error" in c.steps[0].errors
+    q, gold = _case(problems)                                                  # also where the true step is not a mod
+    o = q.ops[0]
+    gold[0] = f"Step 1: {q.names[o.target]} = {q.names[o.args[0]]} mod 0 = {q.values[o.target]}."
+    c = check_chain(q, "\n".join(gold))
+    assert not c.steps[0].correct and {"wrong operation", "arithmetic error"} <= set(c.steps[0].errors)
+
+
 def test_bad_inputs_raise(problems):
     p, gold = _case(problems)
     with pytest.raises(ReasoningError, match="Step"): check_chain(p, f"Answer: {p.answer}")
