@@ -568,6 +568,10 @@ def _bring(agent, task, state, store, linker, found, z, tr) -> str:
                for p, w in zip(candidates, works)], time.perf_counter() - t0)
     pick = next((n for n, w in enumerate(works) if w), 0) if c.rerank == "energy" else 0
     tr.plan = list(candidates[pick])
+    if c.dream != "off":                                                                   # the dreamed end of the chosen plan
+        dreamt = LabWorld(); dreamt.set_state(world)
+        for a in tr.plan: dreamt.step(a)
+        tr.images["imagined: end of plan"] = dreamt.render()
     tr.record("rerank", f"plan {pick + 1} of {len(candidates)} ({c.rerank}): {len(tr.plan)} actions")
     return "done"
 
