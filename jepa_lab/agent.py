@@ -35,9 +35,9 @@ from .world import (ACTIONS, AGENT_RGB, CLOSED_DOOR, COLOURS, DIRECTIONS, DOOR_R
 __all__ = ['ROOMS', 'TASK_KINDS', 'RELATIONS', 'OBJECT_RELATIONS', 'RETRIEVERS', 'CHOICES', 'OUTCOMES', 'READERS', 'ABLATIONS',
            'REFERENCES', 'AgentError', 'Task', 'facing_spots', 'can_lift', 'lab_tasks', 'perceive_frame', 'door_name',
            'world_facts', 'facing_situations', 'situation_transitions', 'lifted', 'AgentParts', 'agent_parts',
-           'lift_energies', 'route', 'bring_plans', 'carried_out', 'retrieve_facts', 'AgentConfig', 'StageRecord',
-           'Trace', 'rooms_in', 'tofy_from_models', 'LabAgent', 'evaluate_agent', 'print_table', 'gold_facts',
-           'retrieval_recall', 'plan_cells', 'plot_trace', 'trace_panel']
+           'lift_energies', 'route', 'play', 'delivered', 'bring_plans', 'carried_out', 'retrieve_facts', 'AgentConfig',
+           'StageRecord', 'Trace', 'rooms_in', 'tofy_from_models', 'LabAgent', 'evaluate_agent', 'print_table',
+           'gold_facts', 'retrieval_recall', 'plan_cells', 'plot_trace', 'trace_panel']
 
 # %% ../nbs/15_agent.ipynb #f177e9d8
 class AgentError(ValueError):
@@ -279,10 +279,20 @@ def _drop_walks(after: LabState, spot, target: str, doors: bool) -> list[list[st
             walks.append(walk)
     return walks
 
-def _doors_opened(state: LabState, actions: list[str]) -> LabState:
-    "`state` with the doors that `actions` open, opened."
+def play(state: LabState, actions: list[str]) -> LabWorld:
+    "A `LabWorld` started at `state` after `actions`: how every plan is dreamed and carried out."
     world = LabWorld(); world.set_state(state)
     for a in actions: world.step(a)
+    return world
+
+def delivered(state: LabState, i: int, target: str) -> bool:
+    "Does object `i` lie on the floor of room `target`?"
+    cell = state.objects[i].cell
+    return cell is not None and room_of(state, cell) == target
+
+def _doors_opened(state: LabState, actions: list[str]) -> LabState:
+    "`state` with the doors that `actions` open, opened."
+    world = play(state, actions)
     return replace(state.copy(), v_edges=world.state.v_edges.copy(), h_edges=world.state.h_edges.copy())
 
 def bring_plans(state: LabState, i: int, target: str, doors: bool = True, limit: int = 4) -> list[list[str]]:
@@ -298,10 +308,7 @@ def bring_plans(state: LabState, i: int, target: str, doors: bool = True, limit:
 
 def carried_out(state: LabState, plan: list[str], i: int, target: str) -> bool:
     "Run `plan` from `state` in a LabWorld: does object `i` lie in room `target` at the end?"
-    world = LabWorld(); world.set_state(state)
-    for a in plan: world.step(a)
-    cell = world.state.objects[i].cell
-    return cell is not None and room_of(world.state, cell) == target
+    return delivered(play(state, plan).state, i, target)
 
 # %% ../nbs/15_agent.ipynb #fc8b1b6a
 def _fact_line(sf: ScoredFact) -> str:
@@ -469,12 +476,9 @@ class LabAgent:
         if task.kind != "bring": return tr.answer == task.answer
         if not tr.plan: return False
         true = make_lab_state(task.world_seed)
-        world = LabWorld(); world.set_state(true)
-        for a in tr.plan: world.step(a)
+        world = play(true, tr.plan)
         tr.images["real end"] = world.render()
-        i = [o.name for o in true.objects].index(task.subject)
-        cell = world.state.objects[i].cell
-        return cell is not None and room_of(world.state, cell) == task.target
+        return delivered(world.state, [o.name for o in true.objects].index(task.subject), task.target)
 
     def subject(self, task: Task, linker, found: Retrieval) -> str | None:
         "The object the question is about: the retrieved object entity closest to the question."
@@ -497,16 +501,19 @@ class LabAgent:
 def _skip(tr: Trace, why: str):
     tr.record("dream", why); tr.record("rerank", why)
 
+def _rooms_of(found: Retrieval, name: str | None) -> list[str]:
+    "The rooms the retrieved `is in` facts put `name` in."
+    return [sf.fact.tail for sf in found.facts if sf.fact.head == name and sf.fact.relation == "is in"]
+
 def _where(agent, task, state, store, linker, found, z, tr) -> str:
     _skip(tr, "not needed: the question asks about no action")
-    name = agent.subject(task, linker, found)
-    rooms = [sf.fact.tail for sf in found.facts if sf.fact.head == name and sf.fact.relation == "is in"]
+    rooms = _rooms_of(found, agent.subject(task, linker, found))
     return rooms[0] if rooms else agent.parts.priors["where"]
 
 def _beside(agent, task, state, store, linker, found, z, tr) -> str:
     _skip(tr, "not needed: the question asks about no action")
     name = agent.subject(task, linker, found)
-    rooms = [sf.fact.tail for sf in found.facts if sf.fact.head == name and sf.fact.relation == "is in"]
+    rooms = _rooms_of(found, name)
     mates = [sf.fact.head for sf in found.facts if rooms and sf.fact.relation == "is in" and sf.fact.tail == rooms[0]
              and sf.fact.head not in (name, "the agent")]
     colours = [w for w in (mates[0].split() if mates else []) if w in COLOURS]      # names read 'the <size> <colour> <shape>'
@@ -569,9 +576,7 @@ def _bring(agent, task, state, store, linker, found, z, tr) -> str:
     pick = next((n for n, w in enumerate(works) if w), 0) if c.rerank == "energy" else 0
     tr.plan = list(candidates[pick])
     if c.dream != "off":                                                                   # the dreamed end of the chosen plan
-        dreamt = LabWorld(); dreamt.set_state(world)
-        for a in tr.plan: dreamt.step(a)
-        tr.images["imagined: end of plan"] = dreamt.render()
+        tr.images["imagined: end of plan"] = play(world, tr.plan).render()
     tr.record("rerank", f"plan {pick + 1} of {len(candidates)} ({c.rerank}): {len(tr.plan)} actions")
     return "done"
 
